@@ -1,0 +1,16 @@
+# Sourced by demo.sh and test.sh: creates .venv if absent and installs the project into it.
+# Usage: source scripts/_venv.sh EXTRAS   (EXTRAS e.g. "" or "torch,test")
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+  echo "[dermseg_jax] creating $ROOT/.venv" >&2
+  "$PY" -m venv "$ROOT/.venv"
+  "$ROOT/.venv/bin/python" -m pip install --quiet --upgrade pip
+fi
+spec="$ROOT"
+if [ -n "${1:-}" ]; then spec="$ROOT[$1]"; fi
+echo "[dermseg_jax] installing ${spec#"$ROOT"} into .venv" >&2
+"$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+export PATH="$ROOT/.venv/bin:$PATH"
+cd "$ROOT"
