@@ -1,0 +1,354 @@
+"""Whole-image inference: the one jitted `predict_fn`, test-time flips, and the way back to size.
+
+Everything that turns network inputs into per-pixel probabilities lives here, and is shared by
+the training-time validation (`Evaluator`), `python -m dermseg_jax.evaluate` and
+`python -m dermseg_jax.predict`:
+
+- `create_predict_fn(model, head=..., tta=...)`: `predict_fn(variables, images [B, S, S, 3]) ->
+  probabilities [B, S, S, C]`, BatchNorm on running statistics, jitted once per (model, head,
+  tta) (`functools.cache`).
+- `create_thesis_predict_fn(model)`: the thesis notebook's evaluation (defects 1 and 3: BatchNorm
+  on the batch's own statistics, softmax over the BATCH axis). Only for `--thesis-protocol`;
+  `create_batch_stats_predict_fn` gives defect 3 alone (`eval.batch_stats_bn`).
+- `restore_probabilities(...)`: undo the eval pipeline's geometry (pad, resize, lesion crop) on
+  the host with cv2, one channel at a time, into a full-size uint8 canvas.
+- `probabilities_to_masks(...)`: the post-processing shared by evaluate and predict, so that both
+  write exactly the same masks.
+
+Geometry of an eval example (`dermseg_jax.data.pipeline`): the image (`image_size` = [H, W]) is
+cropped to `crop_box` = (top, left, bottom, right) (exclusive ends), resized to `resized_size`
+= (h, w) (longer side = eval_size) and padded at the bottom and right to [S, S].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dermseg_jax import labels, postprocess, sharding
+
+PredictFn = Callable[[dict, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessSettings:
+    """How probabilities become masks; read from a config so evaluate and predict agree.
+
+    Attributes:
+        head: 'softmax' or 'sigmoid' (`model.head`).
+        threshold: sigmoid threshold(s) (`eval.threshold`).
+        opening_sizes: 5 opening kernel sizes at eval resolution, or None (`eval.opening` False).
+            With `eval.opening` True: `eval.opening_sizes` if set, else the thesis'
+            `postprocess.THESIS_OPENING_SIZES`.
+        restrict_to_lesion: keep structures only inside the lesion (`eval.restrict_to_lesion`).
+            The default protocol has no lesion mask, only the automatic lesion crop, outside of
+            which nothing is predicted anyway; the thesis protocol uses the ground-truth mask.
+        tta: flip test-time augmentation (`eval.tta`, default False).
+    """
+
+    head: str = "softmax"
+    threshold: float | tuple[float, ...] = 0.5
+    opening_sizes: tuple[int, ...] | None = None
+    restrict_to_lesion: bool = False
+    tta: bool = False
+
+    @classmethod
+    def from_config(cls, config, *, tta: bool | None = None) -> PostprocessSettings:
+        """Reads `config.model.head` and `config.eval` (missing eval fields keep defaults)."""
+        evaluation = config.get("eval", None) or {}
+        sizes = None
+        if evaluation.get("opening", False):
+            sizes = evaluation.get("opening_sizes", None) or postprocess.THESIS_OPENING_SIZES
+            sizes = tuple(int(k) for k in sizes)
+            if len(sizes) != labels.NUM_STRUCTURES:
+                raise ValueError(
+                    f"eval.opening_sizes needs {labels.NUM_STRUCTURES} sizes, got {sizes}"
+                )
+        threshold = evaluation.get("threshold", 0.5)
+        if not isinstance(threshold, (int, float)):
+            threshold = tuple(float(t) for t in threshold)
+        return cls(
+            head=str(config.model.head),
+            threshold=threshold,
+            opening_sizes=sizes,
+            restrict_to_lesion=bool(evaluation.get("restrict_to_lesion", False)),
+            tta=bool(evaluation.get("tta", False)) if tta is None else bool(tta),
+        )
+
+
+def _activation(logits: jax.Array, head: str) -> jax.Array:
+    if head == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if head == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    raise ValueError(f"Unknown model head {head!r}; expected 'softmax' or 'sigmoid'.")
+
+
+def _jit(fn, mesh: jax.sharding.Mesh | None):
+    if mesh is None:
+        return jax.jit(fn)
+    # Replicated outputs can be read back by every process of a multi-host run.
+    return jax.jit(fn, out_shardings=sharding.replicated_sharding(mesh))
+
+
+@functools.cache
+def create_predict_fn(
+    model: nn.Module,
+    *,
+    head: str = "softmax",
+    tta: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> PredictFn:
+    """The jitted whole-image predictor, built once per (model, head, tta, mesh).
+
+    Args:
+        model: the Linen module (`dermseg_jax.create_model`), applied with `train=False`.
+        head: 'softmax' (probabilities over the 6 classes) or 'sigmoid' (5 independent maps).
+        tta: average the probabilities of the identity, horizontal and vertical flips.
+        mesh: the data mesh the images are sharded over (outputs come back replicated), or
+            None for single-device use.
+
+    Returns:
+        `predict_fn(variables, images)` with images float32 [B, S, S, 3] (pipeline scale) and
+        result float32 probabilities [B, S, S, C].
+    """
+    if head not in ("softmax", "sigmoid"):
+        raise ValueError(f"Unknown model head {head!r}; expected 'softmax' or 'sigmoid'.")
+
+    def forward(variables, images):
+        return _activation(model.apply(variables, images, train=False), head)
+
+    def predict_fn(variables, images):
+        probs = forward(variables, images)
+        if tta:
+            # The padded square is flipped as a whole, so flipping each output back realigns
+            # every pixel with the input pixel it came from.
+            probs = probs + jnp.flip(forward(variables, jnp.flip(images, 2)), 2)
+            probs = probs + jnp.flip(forward(variables, jnp.flip(images, 1)), 1)
+            probs = probs / 3.0
+        return probs
+
+    return _jit(predict_fn, mesh)
+
+
+def _deterministic_dropout(next_fun, args, kwargs, context):
+    # The thesis evaluates with BatchNorm on batch statistics but without dropout: force every
+    # Dropout to be the identity while the module runs with train=True.
+    if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+        kwargs = dict(kwargs, deterministic=True)
+    return next_fun(*args, **kwargs)
+
+
+@functools.cache
+def create_batch_stats_predict_fn(
+    model: nn.Module,
+    *,
+    head: str = "softmax",
+    softmax_axis: int = -1,
+    mesh: jax.sharding.Mesh | None = None,
+) -> PredictFn:
+    """A predictor with BatchNorm on the batch's own statistics (thesis defect 3).
+
+    The notebook turns off `track_running_stats`, so BatchNorm normalises every evaluation
+    batch with its own statistics (running statistics are neither used nor updated) and one
+    image's prediction depends on its batch mate. Dropout stays off.
+
+    Args:
+        model: the Linen module.
+        head: 'softmax' or 'sigmoid'.
+        softmax_axis: -1 = over classes; 0 = over the BATCH axis (thesis defect 1, softmax head).
+        mesh: as in `create_predict_fn`.
+
+    Returns:
+        `predict_fn(variables, images [B, S, S, 3]) -> scores [B, S, S, C]` (jitted); call it with
+        only the real images of a batch (no padding): padded images would change the result.
+    """
+    if softmax_axis not in (-1, 0):
+        raise ValueError(f"softmax_axis must be -1 (classes) or 0 (batch), got {softmax_axis}")
+    if softmax_axis == 0 and head != "softmax":
+        raise ValueError("A batch-axis softmax needs the softmax head.")
+
+    def predict_fn(variables, images):
+        with nn.intercept_methods(_deterministic_dropout):
+            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        if head == "softmax":
+            return jax.nn.softmax(logits, axis=softmax_axis)
+        return _activation(logits, head)
+
+    return _jit(predict_fn, mesh)
+
+
+def create_thesis_predict_fn(
+    model: nn.Module, *, mesh: jax.sharding.Mesh | None = None
+) -> PredictFn:
+    """The thesis notebook's evaluation forward pass: defects 1 and 3 together.
+
+    BatchNorm on the batch's statistics (`create_batch_stats_predict_fn`) and the softmax over
+    the batch axis, so with the notebook's batches of 2 the two images' scores sum to 1.
+
+    Args:
+        model: a softmax-head Linen module.
+        mesh: as in `create_predict_fn`.
+
+    Returns:
+        `predict_fn(variables, images [B, S, S, 3]) -> scores [B, S, S, 6]` (jitted), for the
+        real images of a batch only.
+    """
+    return create_batch_stats_predict_fn(model, head="softmax", softmax_axis=0, mesh=mesh)
+
+
+def _check_geometry(probs: np.ndarray, crop_box, resized_size, image_size) -> tuple:
+    top, left, bottom, right = (int(v) for v in crop_box)
+    h, w = (int(v) for v in resized_size)
+    height, width = (int(v) for v in image_size)
+    if probs.ndim != 3 or h > probs.shape[0] or w > probs.shape[1] or h < 1 or w < 1:
+        raise ValueError(
+            f"resized_size {(h, w)} does not fit the probabilities of shape {probs.shape}."
+        )
+    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+        raise ValueError(f"crop_box {(top, left, bottom, right)} lies outside image {image_size}.")
+    return top, left, bottom, right, h, w, height, width
+
+
+def restore_probabilities(
+    probs: np.ndarray,
+    crop_box: Sequence[int],
+    resized_size: Sequence[int],
+    image_size: Sequence[int],
+    *,
+    head: str = "softmax",
+) -> np.ndarray:
+    """Maps eval-resolution probabilities back onto the full image, as uint8 (0..255).
+
+    Undoes the padding (keeps [:h, :w]), resizes each channel bilinearly to the crop box size on
+    the host, and places it into a full-size canvas. Outside the crop box nothing was seen: the
+    softmax canvas says "others" (channel 0 = 255), the sigmoid canvas says 0 everywhere. Works
+    one channel at a time in uint8, so a 30 MP image needs about C bytes per pixel.
+
+    Args:
+        probs: float [S, S, C] probabilities of one image (network output).
+        crop_box: (top, left, bottom, right) of the lesion crop in image pixels (exclusive ends).
+        resized_size: (h, w) of the resized crop inside the padded [S, S] square.
+        image_size: (H, W) of the output canvas (the image the crop box refers to).
+        head: 'softmax' or 'sigmoid' (decides the canvas outside the crop box).
+
+    Returns:
+        uint8 [H, W, C] probabilities scaled to 0..255.
+    """
+    probs = np.asarray(probs)
+    top, left, bottom, right, h, w, height, width = _check_geometry(
+        probs, crop_box, resized_size, image_size
+    )
+    channels = probs.shape[-1]
+    canvas = np.zeros((height, width, channels), np.uint8)
+    if head == "softmax":
+        canvas[..., 0] = 255
+    for c in range(channels):
+        # Quantising before the resize keeps the big intermediate at one byte per pixel.
+        small = np.clip(np.rint(probs[:h, :w, c] * 255.0), 0, 255).astype(np.uint8)
+        canvas[top:bottom, left:right, c] = cv2.resize(
+            small, (right - left, bottom - top), interpolation=cv2.INTER_LINEAR
+        )
+    return canvas
+
+
+def scaled_opening_sizes(
+    opening_sizes: Sequence[int], resized_size: Sequence[int], crop_box: Sequence[int]
+) -> tuple[int, ...]:
+    """Opening kernel sizes given at eval resolution, scaled to the output resolution.
+
+    The thesis opened its masks at the network's resolution; an image shown to the network at
+    a quarter of its size needs a four times larger kernel to remove the same structures.
+
+    Args:
+        opening_sizes: 5 square kernel sizes (pixels at eval resolution; 1 = no opening).
+        resized_size: (h, w) of the crop at eval resolution.
+        crop_box: (top, left, bottom, right) of the crop at output resolution.
+
+    Returns:
+        5 kernel sizes in output pixels (at least 1).
+    """
+    top, left, bottom, right = (int(v) for v in crop_box)
+    scale = max(bottom - top, right - left) / max(int(resized_size[0]), int(resized_size[1]))
+    return tuple(max(1, int(round(int(k) * scale))) for k in opening_sizes)
+
+
+def probabilities_to_masks(
+    probs: np.ndarray,
+    *,
+    head: str,
+    threshold: float | Sequence[float] = 0.5,
+    opening_sizes: Sequence[int] | None = None,
+    lesion: np.ndarray | None = None,
+) -> np.ndarray:
+    """The post-processing shared by evaluate and predict: decide, restrict, open.
+
+    Args:
+        probs: [H, W, C] probabilities, float in [0, 1] or uint8 in 0..255 (C = 6 softmax:
+            argmax; C = 5 sigmoid: per-structure threshold).
+        head: 'softmax' or 'sigmoid'.
+        threshold: sigmoid threshold(s) in [0, 1] (one, or one per structure).
+        opening_sizes: 5 square kernel sizes in pixels of `probs`; None = no opening.
+        lesion: optional [H, W] mask in {0, 1}; structures are kept only inside it.
+
+    Returns:
+        uint8 [H, W, 5] structure masks in {0, 1}.
+    """
+    probs = np.asarray(probs)
+    if head == "softmax":
+        return postprocess.predict_masks_softmax(probs, lesion, opening_sizes)
+    if head != "sigmoid":
+        raise ValueError(f"Unknown model head {head!r}; expected 'softmax' or 'sigmoid'.")
+    if probs.shape[-1] != labels.NUM_STRUCTURES:
+        raise ValueError(
+            f"sigmoid probabilities need {labels.NUM_STRUCTURES} channels, got {probs.shape}"
+        )
+    thresholds = np.broadcast_to(np.asarray(threshold, np.float32), (labels.NUM_STRUCTURES,))
+    if probs.dtype == np.uint8:
+        thresholds = thresholds * 255.0
+    # Thresholding here rather than in postprocess keeps uint8 full-size maps at one byte per
+    # pixel (postprocess works in float64).
+    masks = (probs > thresholds).astype(np.uint8)
+    if lesion is not None:
+        masks *= (np.asarray(lesion).reshape(masks.shape[:2]) != 0).astype(np.uint8)[..., None]
+    if opening_sizes is not None:
+        masks = postprocess.morphological_opening(masks, opening_sizes)
+    return masks
+
+
+def full_size_masks(
+    probs: np.ndarray,
+    crop_box: Sequence[int],
+    resized_size: Sequence[int],
+    image_size: Sequence[int],
+    *,
+    head: str,
+    threshold: float | Sequence[float] = 0.5,
+    opening_sizes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Eval-resolution probabilities of one image -> post-processed masks at full size.
+
+    Args:
+        probs: float [S, S, C] network probabilities of one padded eval image.
+        crop_box: (top, left, bottom, right) of the lesion crop in output pixels.
+        resized_size: (h, w) of the crop inside the padded square.
+        image_size: (H, W) of the output.
+        head: 'softmax' or 'sigmoid'.
+        threshold: sigmoid threshold(s).
+        opening_sizes: 5 kernel sizes at EVAL resolution (scaled here); None = no opening.
+
+    Returns:
+        uint8 [H, W, 5] structure masks in {0, 1}.
+    """
+    full = restore_probabilities(probs, crop_box, resized_size, image_size, head=head)
+    sizes = None
+    if opening_sizes is not None:
+        sizes = scaled_opening_sizes(opening_sizes, resized_size, crop_box)
+    return probabilities_to_masks(full, head=head, threshold=threshold, opening_sizes=sizes)
