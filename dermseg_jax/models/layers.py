@@ -1,0 +1,111 @@
+"""Layers with PyTorch semantics that Flax does not provide: BatchNorm and ConvTranspose.
+
+`BatchNorm` keeps Flax's variable names (`params/{scale,bias}`, `batch_stats/{mean,var}`) and
+momentum convention (weight of the old running value, = 1 - PyTorch momentum), but updates the
+running variance with the unbiased batch variance as `torch.nn.BatchNorm2d` does; Flax's own
+BatchNorm uses the biased one, which drifts from PyTorch by a factor n / (n - 1) at 13x13 maps.
+
+`ConvTranspose` is PyTorch's `ConvTranspose2d` (padding 0) whose output size is set by the
+caller: the thesis' `output_padding` generalised to any (also negative) amount, so a decoder
+stage can be aligned to its skip connection at any input size.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# torch.nn.init.xavier_normal_ draws from an untruncated normal; JAX's glorot_normal truncates.
+xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over all axes but the last, with PyTorch's running-stat update.
+
+    Attributes:
+        momentum: weight of the old running value (Flax convention; PyTorch m -> 1 - m).
+        epsilon: added to the variance (1e-3 in torchvision's Inception, 1e-5 elsewhere).
+        dtype: compute dtype of the output; statistics are always computed in float32.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
+        """Normalises `x` [..., C] with batch (training) or running (inference) statistics."""
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            x32 = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            # Two-pass variance: E[x^2] - E[x]^2 loses digits that the parity tests see.
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+        return y.astype(self.dtype)
+
+
+class ConvTranspose(nn.Module):
+    """PyTorch `ConvTranspose2d(k, stride, padding=0)` with an explicit output size.
+
+    The kernel is stored as [kh, kw, out, in] (PyTorch's [in, out, kh, kw] transposed by
+    (2, 3, 1, 0)) and applied with `lax.conv_transpose(..., transpose_kernel=True)`. The natural
+    output size is (in - 1) * stride + k; rows and columns beyond it receive only the bias
+    (exactly PyTorch's `output_padding`), a smaller target crops the bottom/right edge.
+
+    Attributes:
+        features: output channels.
+        kernel_size: square kernel side k.
+        stride: stride s.
+        dtype: compute dtype; parameters stay float32.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_hw: tuple[int, int]) -> jax.Array:
+        """Applies the transposed convolution.
+
+        Args:
+            x: [N, H, W, C_in].
+            output_hw: (H_out, W_out) of the result.
+
+        Returns:
+            [N, H_out, W_out, features].
+        """
+        k, s = self.kernel_size, self.stride
+        kernel = self.param(
+            "kernel", xavier_normal, (k, k, self.features, x.shape[-1]), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        padding = []
+        for size_in, size_out in zip(x.shape[1:3], output_hw, strict=True):
+            extra = size_out - ((size_in - 1) * s + k)
+            padding.append((k - 1, k - 1 + extra))
+        y = lax.conv_transpose(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            strides=(s, s),
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            transpose_kernel=True,
+        )
+        return y + bias.astype(self.dtype)

@@ -1,0 +1,192 @@
+"""The decoder, the head and the whole network: `InceptionUNet`.
+
+encoder (Inception v3 to Mixed_5d) -> l1, l2, l3; ASPP(l2) ++ l3 -> decoder stages
+l5 (deconv k3, concat l2), l6 (deconv k7, channel dropout, concat l1), l7 (deconv k7, conv,
+conv1x1 head, BatchNorm on the logits). Each transposed convolution's output is sized to its
+skip connection (and the last one to the input), which reproduces the thesis' output_padding
+(1, 0, 1) at 128 and 256 and extends the network to any input size the encoder accepts.
+`width` scales the ASPP and decoder channels; width 1.0 is the thesis network exactly.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dermseg_jax.models.aspp import ASPP, check_rates
+from dermseg_jax.models.inception_v3 import InceptionV3Encoder
+from dermseg_jax.models.layers import BatchNorm, ConvTranspose, xavier_normal
+
+HEAD_CHANNELS = {"softmax": 6, "sigmoid": 5}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Smallest input side for which every default-rate layer is well defined; the contract
+# (docs/design.md) promises H, W >= 75, torchvision's own minimum for Inception v3.
+MIN_INPUT_SIZE = 75
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count of a thesis layer with `channels` at the given width (>= 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def encoder_sizes(side: int) -> tuple[int, int, int]:
+    """Spatial sides of l1, l2, l3 for an input side (VALID stem arithmetic)."""
+    l1 = (side - 3) // 2 + 1 - 2
+    l2 = (l1 - 3) // 2 + 1 - 2
+    l3 = (l2 - 3) // 2 + 1
+    return l1, l2, l3
+
+
+class UpStage(nn.Module):
+    """Transposed conv (to `output_hw`) BN ReLU [Dropout2d] conv3x3 BN ReLU."""
+
+    up_features: int
+    features: int
+    kernel_size: int
+    dropout_rate: float = 0.0
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_hw: tuple[int, int], *, train: bool) -> jax.Array:
+        bn = functools.partial(BatchNorm, momentum=self.bn_momentum, dtype=self.dtype)
+        x = ConvTranspose(self.up_features, self.kernel_size, dtype=self.dtype, name="deconv")(
+            x, output_hw
+        )
+        x = nn.relu(bn(name="deconv_bn")(x, use_running_average=not train))
+        if self.dropout_rate > 0:
+            # Dropout2d: one draw per (image, channel), shared over H and W.
+            x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=not train)
+        x = nn.Conv(
+            self.features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            kernel_init=xavier_normal,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        return nn.relu(bn(name="conv_bn")(x, use_running_average=not train))
+
+
+class Decoder(nn.Module):
+    """Decoder stages l5, l6, l7 and the head (conv1x1 + BatchNorm on the logits)."""
+
+    num_classes: int = 6
+    width: float = 1.0
+    dropout_rate: float = 0.5
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        l1: jax.Array,
+        l2: jax.Array,
+        output_hw: tuple[int, int],
+        *,
+        train: bool,
+    ) -> jax.Array:
+        """Decodes the bottleneck.
+
+        Args:
+            x: [N, h3, w3, C] ASPP outputs concatenated with l3.
+            l1: [N, h1, w1, 64] skip features.
+            l2: [N, h2, w2, 192] skip features.
+            output_hw: (H, W) of the logits.
+            train: batch statistics, running-stat updates and dropout.
+
+        Returns:
+            [N, H, W, num_classes] logits in the compute dtype.
+        """
+        w = self.width
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        x = UpStage(scaled(800, w), scaled(512, w), 3, name="l5", **kw)(
+            x, l2.shape[1:3], train=train
+        )
+        x = jnp.concatenate([x, l2.astype(x.dtype)], axis=-1)
+        x = UpStage(
+            scaled(704, w), scaled(256, w), 7, dropout_rate=self.dropout_rate, name="l6", **kw
+        )(x, l1.shape[1:3], train=train)
+        x = jnp.concatenate([x, l1.astype(x.dtype)], axis=-1)
+        x = UpStage(scaled(256, w), scaled(256, w), 7, name="l7", **kw)(x, output_hw, train=train)
+        x = nn.Conv(
+            self.num_classes, (1, 1), kernel_init=xavier_normal, dtype=self.dtype, name="head"
+        )(x)
+        return BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name="head_bn")(
+            x, use_running_average=not train
+        )
+
+
+class InceptionUNet(nn.Module):
+    """The thesis' Inception-v3 U-Net with the dilated block, NHWC.
+
+    Attributes:
+        head: 'softmax' (6 channels: others + 5 structures) or 'sigmoid' (5 structures).
+        width: multiplier of the ASPP and decoder channels (1.0 = thesis).
+        aspp_rates: one dilation rate per ASPP branch (thesis (2, 3, 4)).
+        dropout_rate: channel dropout in l6 (thesis 0.5).
+        bn_momentum: Flax BatchNorm momentum = 1 - PyTorch momentum (thesis 0.992).
+        dtype: compute dtype name, 'float32' or 'bfloat16'; parameters stay float32.
+    """
+
+    head: str = "softmax"
+    width: float = 1.0
+    aspp_rates: Sequence[int] = (2, 3, 4)
+    dropout_rate: float = 0.5
+    bn_momentum: float = 0.992
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Segments a batch.
+
+        Args:
+            x: [N, H, W, 3] images in the network's input scale, H, W >= 75.
+            train: batch statistics, running-stat updates (mutable 'batch_stats') and dropout
+                (needs a 'dropout' rng when dropout_rate > 0).
+
+        Returns:
+            [N, H, W, C] float32 logits, C = 6 ('softmax') or 5 ('sigmoid').
+        """
+        if self.head not in HEAD_CHANNELS:
+            raise ValueError(f"head must be one of {sorted(HEAD_CHANNELS)}, got {self.head!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0, got {self.width}.")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected images [N, H, W, 3], got shape {x.shape}.")
+        hw = tuple(x.shape[1:3])
+        if min(hw) < MIN_INPUT_SIZE:
+            raise ValueError(f"input H, W must be >= {MIN_INPUT_SIZE}, got {hw[0]}x{hw[1]}.")
+        l2_hw = (encoder_sizes(hw[0])[1], encoder_sizes(hw[1])[1])
+        check_rates(self.aspp_rates, l2_hw)
+        dtype = DTYPES[self.dtype]
+        l1, l2, l3 = InceptionV3Encoder(self.bn_momentum, dtype, name="encoder")(x, train=train)
+        a = ASPP(
+            tuple(self.aspp_rates),
+            scaled(256, self.width),
+            bn_momentum=self.bn_momentum,
+            dtype=dtype,
+            name="aspp",
+        )(l2, train=train)
+        x = jnp.concatenate([a, l3], axis=-1)
+        logits = Decoder(
+            HEAD_CHANNELS[self.head],
+            self.width,
+            self.dropout_rate,
+            self.bn_momentum,
+            dtype,
+            name="decoder",
+        )(x, l1, l2, hw, train=train)
+        # Losses and softmax want float32 even when the network computes in bfloat16.
+        return logits.astype(jnp.float32)
+
+
+ThesisUNet = functools.partial(InceptionUNet, width=1.0, head="softmax", aspp_rates=(2, 3, 4))
+# A narrow variant for fast pipeline tests; the encoder is unchanged (it loads ImageNet weights).
+NarrowUNet = functools.partial(InceptionUNet, width=0.125)
