@@ -1,0 +1,68 @@
+"""A recipe for the public ISIC 2018 Task 2 data at higher resolution (GPU).
+
+COMMAND:
+    python -m dermseg_jax.data.prepare --format=isic2018 --root=/path/to/isic2018 \
+        --task1_dir=/path/to/isic2018_task1 --out=data/isic2018
+    python -m dermseg_jax.train --config=configs/isic2018.py --workdir=runs/isic2018 \
+        --config.data.data_dir=data/isic2018 \
+        --config.init_from=models/inception_v3_imagenet
+
+ISIC 2018 structures overlap, so the head is multi-label (five sigmoids) with BCE + soft Dice;
+class weights come from the training split's pixel counts (`class_counts.json`). Full-width
+network on 256x256 crops of images stored at a shorter side of 384; AdamW with a one-epoch
+warm-up and per-epoch step decay; evaluation on the whole image at 384.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the ISIC 2018 Task 2 configuration."""
+    config = default.get_config()
+
+    config.data.data_dir = "data/isic2018"
+    # ISIC 2018 ships lesion masks only for Task 1 images; 'auto' covers the others.
+    config.data.lesion_crop = "mask"
+    config.data.eval_lesion_crop = "auto"
+    config.data.resize_shorter = 384
+    config.data.resize_method = "bilinear"
+    config.data.crop_size = 256
+    config.data.normalization = "imagenet"
+    config.data.eval_size = 384
+
+    config.model.head = "sigmoid"
+    config.model.width = 1.0
+    config.model.bn_momentum = 0.99
+
+    config.train.batch_size = 16
+    config.train.num_epochs = 60
+    # 2594 images with 10% held out for validation by `prepare`: 2334 // batch 16. Set it
+    # again when overriding the batch size.
+    config.train.steps_per_epoch = 145
+    config.train.dtype = "bfloat16"
+
+    config.loss.name = "bce_dice"
+    config.loss.dice_weight = 1.0
+    config.loss.class_weights = None
+    config.loss.weights_from_data = True
+
+    config.optim.optimizer = "adamw"
+    config.optim.lr_l1 = 1e-5
+    config.optim.lr_l2 = 1e-5
+    config.optim.lr_l3 = 1e-4
+    config.optim.lr_aspp = 1e-3
+    config.optim.lr_decoder = 1e-3
+    config.optim.weight_decay = 1e-4
+    config.optim.schedule = "step_per_epoch"
+    config.optim.step_size = 10
+    config.optim.step_gamma = 0.5
+    config.optim.grad_clip_norm = 1.0  # warmup_steps: one epoch, from default.
+
+    config.eval.batch_size = 8
+    config.eval.every_steps = config.train.get_ref("steps_per_epoch") * 2
+    config.eval.restrict_to_lesion = True
+    config.checkpoint.every_steps = config.train.get_ref("steps_per_epoch") * 2
+    config.checkpoint.keep = 3
+    return config
