@@ -48,6 +48,7 @@ def create_model(model_cfg: Any) -> InceptionUNet:
     Args:
         model_cfg: a `ml_collections.ConfigDict`, dict or any object with the fields `head`,
             `width`, `aspp_rates`, `dropout_rate`, `bn_momentum`, `dtype` (docs/design.md).
+            Optional: `deconv_impl` ('subpixel' default | 'xla', see `transposed_conv.py`).
             Other fields (e.g. `encoder_only`) are ignored.
 
     Returns:
@@ -63,6 +64,7 @@ def create_model(model_cfg: Any) -> InceptionUNet:
     kwargs["width"] = float(kwargs["width"])
     kwargs["dropout_rate"] = float(kwargs["dropout_rate"])
     kwargs["bn_momentum"] = float(kwargs["bn_momentum"])
+    kwargs["deconv_impl"] = str(_field(model_cfg, "deconv_impl", None) or "subpixel")
     return InceptionUNet(**kwargs)
 
 

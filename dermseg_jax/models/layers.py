@@ -7,7 +7,8 @@ BatchNorm uses the biased one, which drifts from PyTorch by a factor n / (n - 1)
 
 `ConvTranspose` is PyTorch's `ConvTranspose2d` (padding 0) whose output size is set by the
 caller: the thesis' `output_padding` generalised to any (also negative) amount, so a decoder
-stage can be aligned to its skip connection at any input size.
+stage can be aligned to its skip connection at any input size. Its arithmetic lives in
+`transposed_conv.py` (a fast sub-pixel form by default, `lax.conv_transpose` on request).
 """
 
 from typing import Any
@@ -16,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dermseg_jax.models.transposed_conv import conv_transpose
 
 # torch.nn.init.xavier_normal_ draws from an untruncated normal; JAX's glorot_normal truncates.
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
@@ -64,7 +67,7 @@ class ConvTranspose(nn.Module):
     """PyTorch `ConvTranspose2d(k, stride, padding=0)` with an explicit output size.
 
     The kernel is stored as [kh, kw, out, in] (PyTorch's [in, out, kh, kw] transposed by
-    (2, 3, 1, 0)) and applied with `lax.conv_transpose(..., transpose_kernel=True)`. The natural
+    (2, 3, 1, 0)), as `lax.conv_transpose(..., transpose_kernel=True)` takes it. The natural
     output size is (in - 1) * stride + k; rows and columns beyond it receive only the bias
     (exactly PyTorch's `output_padding`), a smaller target crops the bottom/right edge.
 
@@ -73,12 +76,15 @@ class ConvTranspose(nn.Module):
         kernel_size: square kernel side k.
         stride: stride s.
         dtype: compute dtype; parameters stay float32.
+        implementation: 'subpixel' (default; its backward pass is far faster on CPU) or 'xla'
+            (`lax.conv_transpose`); equal up to float rounding (`transposed_conv.py`).
     """
 
     features: int
     kernel_size: int
     stride: int = 2
     dtype: Any = jnp.float32
+    implementation: str = "subpixel"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_hw: tuple[int, int]) -> jax.Array:
@@ -96,16 +102,7 @@ class ConvTranspose(nn.Module):
             "kernel", xavier_normal, (k, k, self.features, x.shape[-1]), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        padding = []
-        for size_in, size_out in zip(x.shape[1:3], output_hw, strict=True):
-            extra = size_out - ((size_in - 1) * s + k)
-            padding.append((k - 1, k - 1 + extra))
-        y = lax.conv_transpose(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            strides=(s, s),
-            padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            transpose_kernel=True,
+        y = conv_transpose(
+            x.astype(self.dtype), kernel.astype(self.dtype), s, output_hw, self.implementation
         )
         return y + bias.astype(self.dtype)

@@ -49,13 +49,18 @@ class UpStage(nn.Module):
     dropout_rate: float = 0.0
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    deconv_impl: str = "subpixel"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_hw: tuple[int, int], *, train: bool) -> jax.Array:
         bn = functools.partial(BatchNorm, momentum=self.bn_momentum, dtype=self.dtype)
-        x = ConvTranspose(self.up_features, self.kernel_size, dtype=self.dtype, name="deconv")(
-            x, output_hw
-        )
+        x = ConvTranspose(
+            self.up_features,
+            self.kernel_size,
+            dtype=self.dtype,
+            implementation=self.deconv_impl,
+            name="deconv",
+        )(x, output_hw)
         x = nn.relu(bn(name="deconv_bn")(x, use_running_average=not train))
         if self.dropout_rate > 0:
             # Dropout2d: one draw per (image, channel), shared over H and W.
@@ -79,6 +84,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.5
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    deconv_impl: str = "subpixel"
 
     @nn.compact
     def __call__(
@@ -103,7 +109,7 @@ class Decoder(nn.Module):
             [N, H, W, num_classes] logits in the compute dtype.
         """
         w = self.width
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype, deconv_impl=self.deconv_impl)
         x = UpStage(scaled(800, w), scaled(512, w), 3, name="l5", **kw)(
             x, l2.shape[1:3], train=train
         )
@@ -131,6 +137,8 @@ class InceptionUNet(nn.Module):
         dropout_rate: channel dropout in l6 (thesis 0.5).
         bn_momentum: Flax BatchNorm momentum = 1 - PyTorch momentum (thesis 0.992).
         dtype: compute dtype name, 'float32' or 'bfloat16'; parameters stay float32.
+        deconv_impl: transposed-convolution formulation, 'subpixel' (fast, default) or 'xla'
+            (`lax.conv_transpose`); same function up to float rounding, same parameters.
     """
 
     head: str = "softmax"
@@ -139,6 +147,7 @@ class InceptionUNet(nn.Module):
     dropout_rate: float = 0.5
     bn_momentum: float = 0.992
     dtype: str = "float32"
+    deconv_impl: str = "subpixel"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -181,6 +190,7 @@ class InceptionUNet(nn.Module):
             self.dropout_rate,
             self.bn_momentum,
             dtype,
+            deconv_impl=self.deconv_impl,
             name="decoder",
         )(x, l1, l2, hw, train=train)
         # Losses and softmax want float32 even when the network computes in bfloat16.
