@@ -13,7 +13,7 @@ statistics; no wrap-around "normalisation"; bilinear resize; evaluation on the w
 Sized for a CPU: on 2 cores the full-width network is far too slow (a PyTorch step on 4 images of
 128x128 takes ~17 s), so this default narrows the ASPP and decoder to `width=0.125` and trains on
 80x80 crops (the network needs >= 75) of lesion crops resized to a shorter side of 96; 160
-training images, batch 8, 40 epochs = 800 steps. The encoder (torchvision Inception v3 stem up to
+training images, batch 8, 20 epochs = 400 steps. The encoder (torchvision Inception v3 stem up to
 Mixed_5d) keeps its full width, so ImageNet weights still load via `init_from`.
 NOT YET TUNED: the 10-minute budget and the Jaccard targets (pigment network >= 0.5, mean of the
 five structures >= 0.3) were not verified on an idle 2-core machine; see the training issue.
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 8
     # Number of training images per epoch of the synthetic set (see data); used for the
     # per-epoch schedule and to derive num_train_steps.
-    train.num_epochs = 40
+    train.num_epochs = 20
     # Optimizer steps per epoch: training images // batch size (thesis: 1590 // 24 + 1 = 67).
     train.steps_per_epoch = 0  # Set below from a reference.
     train.num_train_steps = 0  # Set below from a reference.

@@ -1,9 +1,10 @@
 """The thesis notebook's recipe, exactly, on ISIC 2017 Part 2 (for comparisons with its numbers).
 
 COMMAND:
-    python -m dermseg_jax.data.prepare --format=isic2017-thesis --root=/path/to/isic2017 \
+    python -m dermseg_jax.data.prepare --format=isic2017-thesis --root=/path/to/db_isic \
         --splits_dir=splits/isic2017_seed --out=data/isic2017
-    python -m dermseg_jax.convert --torchvision-inception --out=models/inception_v3_imagenet
+    python -m dermseg_jax.convert --torchvision-inception inception_v3_google.pth \
+        --out models/inception_v3_imagenet
     python -m dermseg_jax.train --config=configs/thesis.py --workdir=runs/thesis \
         --config.data.data_dir=data/isic2017 \
         --config.init_from=models/inception_v3_imagenet

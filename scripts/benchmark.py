@@ -1,0 +1,351 @@
+"""Benchmark: the JAX/Flax network against the PyTorch baseline (same weights, batch, device).
+
+For each (size, batch) configuration and mode (train = the thesis' full step, infer = forward
+with running statistics) every variant is warmed up (its first step, compile included, is
+timed), then all variants run one step in turn for `--steps` interleaved rounds (A B A B ...);
+the tables report medians. Before any timing an equivalence check compares both frameworks on
+the same weights and batch and stops the run (exit status 2) when they disagree.
+
+Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess (warm-up + one
+step) so that the other variants' allocations do not count; device memory on the GPU.
+Scaling: images/s versus global batch (the configurations) and, for JAX, versus emulated CPU
+devices (`--xla_force_host_platform_device_count`, subprocesses); the tf.data input pipeline's
+images/s at the same crop and batch (subprocess: this process never imports TensorFlow).
+
+CPU defaults are small because the thesis network costs ~115 GFLOP per 128x128 image forward:
+width 1.0 at 128 with batches 1 and 2, and 256 with batch 1 (512 and batch 24 only on request).
+
+COMMAND:
+    .venv/bin/python scripts/benchmark.py --device cpu --steps 5 --out benchmark_cpu.json
+    .venv/bin/python scripts/benchmark.py --device gpu --steps 20 --out benchmark_gpu.json
+    .venv/bin/python scripts/plot_benchmark.py benchmark_cpu.json
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch  # noqa: F401  (torchvision before TensorFlow; here: before JAX's plugins)
+
+from dermseg_jax import benchmarking as bm
+
+GPU_PLAN = {128: (8, 24, 64), 256: (8, 24), 512: (4, 8)}
+CPU_PLAN = {128: (1, 2), 256: (1,)}
+GPU_VARIANTS = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp_bf16", "torch_compile_f32")
+CPU_VARIANTS = ("jax_f32", "torch_f32")
+MODES = ("train", "infer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--steps", type=int, default=5, help="interleaved timed rounds per variant")
+    p.add_argument("--inner", type=int, default=None, help="steps per sample (GPU 5, CPU 1)")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (with --size: all pairs)")
+    p.add_argument("--size", type=int, nargs="+", help="input sides (multiples of 8, >= 96)")
+    p.add_argument("--width", type=float, default=1.0, help="1.0 = the thesis network")
+    p.add_argument("--variants", nargs="+", choices=bm.VARIANTS, help="default: per device")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None)
+    p.add_argument("--devices", type=int, nargs="*", default=None, help="emulated JAX CPU devices")
+    p.add_argument("--no-input", action="store_true", help="skip the input-pipeline timing")
+    p.add_argument("--out", default="benchmark.json")
+    p.add_argument("--worker", choices=("memory", "devices", "input"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def make_step(variant, mode, net, variables, batch, width, device):
+    """A warmed-up-able run() for one variant and mode, plus its jitted fn (JAX) or None."""
+    if variant.startswith("jax"):
+        dtype = "bfloat16" if variant == "jax_bf16" else "float32"
+        deconv = "xla" if variant == "jax_f32_xla_deconv" else "subpixel"
+        config = bm.training_config(width, dtype, deconv)
+        make = bm.jax_train_step_fn if mode == "train" else bm.jax_infer_fn
+        run = make(config, variables, batch)
+        return run, run.jitted
+    amp, compiled = variant == "torch_amp_bf16", variant == "torch_compile_f32"
+    if mode == "train":
+        config = bm.training_config(width)
+        return bm.torch_train_step_fn(net, config, batch, device, amp=amp, compiled=compiled), None
+    return bm.torch_infer_fn(net, batch, device, amp=amp, compiled=compiled), None
+
+
+def _subprocess_json(args: list[str], env=None, timeout=3600) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1])
+
+
+def memory_worker(a) -> dict:
+    """Child process: build one variant, warm up, one step; report RSS and device peaks."""
+    baseline = bm.peak_rss_bytes()
+    size, batch_size = a.size[0], a.batch[0]
+    net, variables = bm.build_pair(a.width)
+    run, _ = make_step(
+        a.variant, a.mode, net, variables, bm.make_batch(batch_size, size), a.width, a.device
+    )
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    run()
+    framework = "jax" if a.variant.startswith("jax") else "torch"
+    return {
+        "peak_rss_bytes": bm.peak_rss_bytes(),
+        "rss_after_imports_bytes": baseline,
+        "device_peak_bytes": bm.device_peak_memory(framework) if a.device == "gpu" else None,
+        "first_step_s": first,
+    }
+
+
+def devices_worker(a) -> dict:
+    """Child process with emulated devices: JAX float32 training images/s (median)."""
+    import jax
+
+    size, batch_size = a.size[0], a.batch[0]
+    _, variables = bm.build_pair(a.width)
+    run = bm.jax_train_step_fn(
+        bm.training_config(a.width), variables, bm.make_batch(batch_size, size)
+    )
+    run()
+    times = bm.time_interleaved({"jax": run}, a.steps)["jax"]
+    step_s = statistics.median(times)
+    return {
+        "devices": jax.device_count(),
+        "size": size,
+        "batch": batch_size,
+        "step_s": step_s,
+        "images_per_s": batch_size / step_s,
+    }
+
+
+def input_worker(a) -> dict:
+    """Child process: the tf.data training pipeline on the built-in synthetic set."""
+    import tempfile
+
+    from configs import default
+    from dermseg_jax.data import pipeline
+
+    size, batch_size = a.size[0], a.batch[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        data_cfg = default.get_config().data
+        with data_cfg.unlocked():
+            data_cfg.data_dir = None
+            data_cfg.synthetic_cache = tmp
+            data_cfg.synthetic_num_train = 32
+            data_cfg.crop_size = size
+            data_cfg.resize_shorter = max(int(data_cfg.resize_shorter), size)
+        batches = pipeline.create_train_dataset(data_cfg, batch_size=batch_size, seed=0)
+        for _ in range(3):
+            next(batches)
+        n = max(a.steps, 10)
+        start = time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        seconds = time.perf_counter() - start
+    return {"size": size, "batch": batch_size, "images_per_s": n * batch_size / seconds}
+
+
+def run_configuration(a, size, batch_size, net, variables, variants) -> list[dict]:
+    """Warm-up, memory and interleaved timing of every variant and mode at one configuration."""
+    batch = bm.make_batch(batch_size, size, seed=size + batch_size)
+    rows = []
+    for mode in a.modes:
+        runs, jitted, first = {}, {}, {}
+        for variant in variants:
+            if a.device == "gpu":
+                torch.cuda.reset_peak_memory_stats()
+            runs[variant], jitted[variant] = make_step(
+                variant, mode, net, variables, batch, a.width, a.device
+            )
+            start = time.perf_counter()
+            runs[variant]()
+            first[variant] = time.perf_counter() - start
+            print(
+                f"  {size}px b{batch_size} {mode} {variant}: first step {first[variant]:.1f} s",
+                flush=True,
+            )
+        samples = bm.time_interleaved(runs, a.steps, a.inner)
+        for variant in variants:
+            step_s = statistics.median(samples[variant])
+            row = {
+                "size": size,
+                "batch": batch_size,
+                "mode": mode,
+                "variant": variant,
+                "framework": variant.split("_")[0],
+                "images_per_s": batch_size / step_s,
+                "step_s_median": step_s,
+                "step_s_samples": samples[variant],
+                "first_step_s": first[variant],
+            }
+            if jitted[variant] is not None:
+                # Exactly one compilation per shape: the timed steps must all hit the cache.
+                row["jit_cache_size"] = jitted[variant]._cache_size()
+            if a.memory == "inprocess" and a.device == "gpu":
+                row["device_peak_bytes"] = bm.device_peak_memory(row["framework"])
+            if a.memory == "subprocess":
+                args = [
+                    "--worker",
+                    "memory",
+                    "--variant",
+                    variant,
+                    "--mode",
+                    mode,
+                    "--size",
+                    str(size),
+                    "--batch",
+                    str(batch_size),
+                    "--width",
+                    str(a.width),
+                    "--device",
+                    a.device,
+                ]
+                row.update({f"isolated_{k}": v for k, v in _subprocess_json(args).items()})
+            rows.append(row)
+        del runs, jitted
+        gc.collect()
+    return rows
+
+
+def print_table(result: dict) -> None:
+    m = result["machine"]
+    print(
+        f"\n{m['cpu_model']} ({m['cpu_cores']} cores), device {m['device']} "
+        f"({m['jax_devices']}), jax {m['jax']}, torch {m['torch']}, width "
+        f"{result['settings']['width']}, load {m['load_average']}"
+    )
+    header = f"{'size':>5} {'batch':>5} {'mode':>5} {'variant':<20} {'img/s':>9} {'step s':>8} "
+    print(header + f"{'first s':>8} {'peak MiB':>9} {'vs torch_f32':>12}")
+    ref = {
+        (r["size"], r["batch"], r["mode"]): r["images_per_s"]
+        for r in result["results"]
+        if r["variant"] == "torch_f32"
+    }
+    for r in result["results"]:
+        mem = r.get("isolated_peak_rss_bytes") or r.get("isolated_device_peak_bytes")
+        mem = r.get("device_peak_bytes") or mem
+        base = ref.get((r["size"], r["batch"], r["mode"]))
+        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        print(
+            f"{r['size']:>5} {r['batch']:>5} {r['mode']:>5} {r['variant']:<20} "
+            f"{r['images_per_s']:>9.3f} {r['step_s_median']:>8.3f} {r['first_step_s']:>8.1f} "
+            f"{(mem or 0) / 2**20:>9.0f} {ratio:>12}"
+        )
+    for r in result.get("devices_scaling", []):
+        print(
+            f"JAX f32 train, {r.get('devices')} emulated devices: "
+            f"{r.get('images_per_s', float('nan')):.3f} img/s {r.get('error', '')}"
+        )
+    if "input_pipeline" in result:
+        print(f"input pipeline: {result['input_pipeline']}")
+    for note in result["settings"]["notes"]:
+        print("note:", note)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    gpu = a.device == "gpu"
+    a.inner = a.inner or (5 if gpu else 1)
+    if a.worker:
+        worker = {"memory": memory_worker, "devices": devices_worker, "input": input_worker}
+        print(json.dumps(worker[a.worker](a)))
+        return 0
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device gpu: torch sees no CUDA device.")
+    plan = GPU_PLAN if gpu else CPU_PLAN
+    if a.size or a.batch:
+        sizes = a.size or sorted(plan)
+        plan = {s: tuple(a.batch or plan.get(s, (1,))) for s in sizes}
+    variants = tuple(a.variants or (GPU_VARIANTS if gpu else CPU_VARIANTS))
+    a.memory = a.memory or ("inprocess" if gpu else "subprocess")
+    devices = a.devices if a.devices is not None else ([] if gpu else [1, 2])
+    notes = []
+    if not gpu and a.size is None:
+        notes.append(
+            f"CPU default: width {a.width:.3g} at 128 (batches 1, 2) and 256 (batch 1); 512 and "
+            "the thesis batch 24 only with --size/--batch (~115 GFLOP per 128x128 "
+            "forward)."
+        )
+    if gpu and a.memory == "inprocess":
+        notes.append("GPU memory in-process: JAX's peak_bytes_in_use is a process-wide peak.")
+    result = {
+        "machine": bm.machine_description(a.device),
+        "settings": {
+            "width": a.width,
+            "steps": a.steps,
+            "inner": a.inner,
+            "plan": {str(k): v for k, v in plan.items()},
+            "variants": variants,
+            "modes": a.modes,
+            "memory": a.memory,
+            "notes": notes,
+        },
+    }
+    net, variables = bm.build_pair(a.width)
+    check_size = min(plan)
+    try:
+        eq = bm.check_equivalence(net, variables, bm.make_batch(2, check_size, seed=1))
+    except bm.EquivalenceError as e:
+        print(f"EQUIVALENCE CHECK FAILED: {e}", file=sys.stderr)
+        return 2
+    result["equivalence"] = {"size": check_size, "batch": 2, **eq}
+    print(f"equivalence ({check_size}px, batch 2): {eq}", flush=True)
+    result["results"] = []
+    for size, batches in plan.items():
+        for batch_size in batches:
+            result["results"] += run_configuration(a, size, batch_size, net, variables, variants)
+    first_size, first_batch = min(plan), max(plan[min(plan)])
+    result["devices_scaling"] = []
+    for n in devices:
+        env = dict(
+            os.environ,
+            XLA_FLAGS=(
+                os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+            ).strip(),
+        )
+        b = -(-first_batch // n) * n
+        args = [
+            "--worker",
+            "devices",
+            "--size",
+            str(first_size),
+            "--batch",
+            str(b),
+            "--width",
+            str(a.width),
+            "--steps",
+            str(a.steps),
+        ]
+        result["devices_scaling"].append(_subprocess_json(args, env=env))
+    if not a.no_input:
+        args = [
+            "--worker",
+            "input",
+            "--size",
+            str(first_size),
+            "--batch",
+            str(first_batch),
+            "--steps",
+            str(a.steps),
+        ]
+        result["input_pipeline"] = _subprocess_json(args)
+    result["machine"]["load_average_end"] = os.getloadavg()
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
