@@ -37,8 +37,8 @@ from absl import app, flags, logging
 from dermseg_jax import labels, sharding
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines the CLI flags (only when run as a program, so importing defines none)."""
+def define_checkpoint_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines `--workdir` and `--checkpoint`, shared with `predict`."""
     flags.DEFINE_string(
         "workdir",
         None,
@@ -52,6 +52,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "For a training workdir: 'best', 'latest' or a step number.",
         flag_values=flag_values,
     )
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the CLI flags (only when run as a program, so importing defines none)."""
+    define_checkpoint_flags(flag_values)
     flags.DEFINE_string(
         "split", "validation", "'val'/'validation' or 'test' (or 'train').", flag_values=flag_values
     )

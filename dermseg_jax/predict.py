@@ -32,19 +32,7 @@ from dermseg_jax import evaluate, inference, labels
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the CLI flags (only when run as a program, so importing defines none)."""
-    flags.DEFINE_string(
-        "workdir",
-        None,
-        "Training workdir or converted model directory.",
-        required=True,
-        flag_values=flag_values,
-    )
-    flags.DEFINE_string(
-        "checkpoint",
-        "best",
-        "For a training workdir: 'best', 'latest' or a step number.",
-        flag_values=flag_values,
-    )
+    evaluate.define_checkpoint_flags(flag_values)
     flags.DEFINE_list(
         "images",
         None,
