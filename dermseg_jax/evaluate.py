@@ -404,7 +404,8 @@ def run_evaluate(
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """absl parsing that also accepts `--thesis-protocol` for `--thesis_protocol` etc."""
+    """absl parsing that also accepts `-` for `_` in flag names (`--thesis-protocol`); shared
+    with `predict`."""
     fixed = [argv[0]]
     for arg in argv[1:]:
         if arg.startswith("--") and not arg.startswith("---"):

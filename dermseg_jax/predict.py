@@ -252,17 +252,6 @@ def run_predict(
     return {"written": written, "failed": failed}
 
 
-def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """absl parsing that also accepts `-` for `_` in flag names (`--batch-size`)."""
-    fixed = [argv[0]]
-    for arg in argv[1:]:
-        if arg.startswith("--") and not arg.startswith("---"):
-            name, sep, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + sep + value
-        fixed.append(arg)
-    return flag_values(fixed)
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -281,4 +270,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=evaluate.parse_flags)
