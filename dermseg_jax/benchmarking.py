@@ -138,6 +138,7 @@ def jitted_train_step(config, donate: bool = True) -> Callable:
         trainer.train_step,
         loss_cfg=config.loss,
         class_weights=jnp.asarray(losses.THESIS_CLASS_WEIGHTS, jnp.float32),
+        frozen_groups=optim.frozen_groups(config.optim),
     )
     return jax.jit(step, donate_argnums=0 if donate else ())
 

@@ -2,8 +2,8 @@
 
 Parameter groups come from `models.param_groups(params)` ('l1', 'l2', 'l3', 'aspp', 'decoder').
 A group whose learning rate is 0 or None is frozen: `optax.set_to_zero()` (no update, and no
-Adam moments allocated for it), and its gradient is zeroed before clipping, so XLA drops the
-backward pass into it. Every trainable group runs its own Adam with
+Adam moments allocated for it), and `trainer.train_step` does not differentiate it
+(`frozen_groups`), so no backward pass runs into it. Every trainable group runs its own Adam with
 `lr_group * schedule(step)`, where the schedule is a multiplier starting at 1.
 """
 
@@ -32,6 +32,12 @@ def group_learning_rates(optim_cfg: ml_collections.ConfigDict) -> dict[str, floa
     if not rates:
         raise ValueError("config.optim: every parameter group is frozen (all lr_* are 0/None)")
     return rates
+
+
+def frozen_groups(optim_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The groups whose learning rate is 0 or None, in `GROUPS` order."""
+    rates = group_learning_rates(optim_cfg)
+    return tuple(g for g in GROUPS if g not in rates)
 
 
 def create_schedule_fn(

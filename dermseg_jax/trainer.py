@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax import lax
 
 from dermseg_jax import checkpointing, losses, models, optim, sharding
 
@@ -214,6 +215,7 @@ def train_step(
     loss_cfg: ml_collections.ConfigDict,
     class_weights: jax.Array | None,
     update_batch_stats: bool = True,
+    frozen_groups: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (pure; jit it with `donate_argnums=0`).
 
@@ -226,6 +228,8 @@ def train_step(
         class_weights: float32 [C] weights passed to the loss, or None.
         update_batch_stats: False keeps the BatchNorm running statistics unchanged (thesis
             defect 3 after the first validation).
+        frozen_groups: parameter groups (`optim.frozen_groups`) held constant in the loss, so
+            that no gradient is computed for them (their gradient is 0 and leaves `grad_norm`).
 
     Returns:
         (new state, {'loss', 'grad_norm', 'lr_scale'} scalars on device).
@@ -233,7 +237,14 @@ def train_step(
     rng = state.rng if rng is None else rng
     rng_step = jax.random.fold_in(rng, state.step)
 
+    groups = models.param_groups(state.params) if frozen_groups else None
+
     def loss_fn(params):
+        if frozen_groups:
+            # The forward pass still reads frozen groups; the backward pass stops at them.
+            params = jax.tree.map(
+                lambda p, g: lax.stop_gradient(p) if g in frozen_groups else p, params, groups
+            )
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
@@ -425,7 +436,10 @@ def train_and_evaluate(
         eval_every = int(config.eval.every_steps or 0)
         evaluate_fn = evaluate_fn or create_evaluate_fn(config, mesh, model)
         step_fn = functools.partial(
-            train_step, loss_cfg=config.loss, class_weights=_class_weights(config)
+            train_step,
+            loss_cfg=config.loss,
+            class_weights=_class_weights(config),
+            frozen_groups=optim.frozen_groups(config.optim),
         )
         # Compiled once each; donation reuses the state's buffers for the new state.
         train_step_fn = jax.jit(step_fn, donate_argnums=0)

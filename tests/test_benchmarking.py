@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from dermseg_jax import benchmarking as bm
-from dermseg_jax.models.transposed_conv import conv_transpose
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -56,29 +55,6 @@ def test_a_perturbed_optimizer_fails_the_equivalence_check(pair, monkeypatch):
     monkeypatch.setattr(bm, "torch_optimizer", faster_torch_adam)
     with pytest.raises(bm.EquivalenceError, match="loss_after_step_rel_diff"):
         bm.check_equivalence(net, variables, bm.make_batch(2, SIZE, seed=1))
-
-
-def test_subpixel_transposed_convolution_equals_lax_conv_transpose():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 9, 10, 4)).astype(np.float32)
-    kernel = rng.normal(size=(7, 7, 3, 4)).astype(np.float32)
-    for output_hw in [(23, 25), (24, 26), (20, 22)]:  # natural, output_padding 1, cropped
-        cot = rng.normal(size=(2, *output_hw, 3)).astype(np.float32)
-
-        def loss(x, k, impl, hw=output_hw, cot=cot):
-            return (conv_transpose(x, k, 2, hw, impl) * cot).sum()
-
-        np.testing.assert_allclose(
-            conv_transpose(x, kernel, 2, output_hw, "subpixel"),
-            conv_transpose(x, kernel, 2, output_hw, "xla"),
-            atol=1e-4,
-        )
-        for fast, ref in zip(
-            jax.grad(loss, (0, 1))(x, kernel, "subpixel"),
-            jax.grad(loss, (0, 1))(x, kernel, "xla"),
-            strict=True,
-        ):
-            np.testing.assert_allclose(fast, ref, atol=1e-3, rtol=1e-5)
 
 
 def test_time_interleaved_alternates_the_variants():

@@ -147,6 +147,32 @@ def test_train_step_on_the_real_network_freezes_groups_and_updates_batch_stats()
     assert changed(before[1]["encoder"][L1_LAYERS[0]], stats["encoder"][L1_LAYERS[0]])
 
 
+def test_frozen_groups_are_not_differentiated():
+    config = tiny.get_config()
+    config.optim.lr_l1 = 0.0
+    config.optim.lr_l2 = None
+    frozen = optim.frozen_groups(config.optim)
+    assert frozen == ("l1", "l2")
+    mesh = sharding.make_mesh()
+    batch = sharding.shard_batch(_random_batch(2, config.data.crop_size), mesh)
+    with jax.set_mesh(mesh):
+        state = trainer.create_train_state(config, jax.random.key(0), mesh)
+        step = functools.partial(
+            trainer.train_step, loss_cfg=config.loss, class_weights=None, frozen_groups=frozen
+        )
+        hlo = jax.jit(step).lower(state, batch).compile().as_text()
+        _, metrics = jax.jit(step)(state, batch)
+        _, all_metrics = jax.jit(functools.partial(step, frozen_groups=()))(state, batch)
+    # No backward operation of a frozen stem layer is left in the compiled step ...
+    backward = "transpose(jvp(InceptionUNet))/encoder/"
+    for name in L1_LAYERS + L2_LAYERS:
+        assert backward + name + "/" not in hlo, name
+    assert backward + "Mixed_5d/" in hlo
+    # ... and the gradient norm counts the trainable groups only.
+    assert 0 < float(metrics["grad_norm"]) < float(all_metrics["grad_norm"])
+    np.testing.assert_allclose(metrics["loss"], all_metrics["loss"], rtol=1e-6)
+
+
 def test_check_finite_names_the_step():
     trainer.check_finite([{"loss": 1.0}, {"loss": 2.0}], first_step=5)
     with pytest.raises(FloatingPointError, match="Non-finite loss at step 6 \\(in steps 5..7\\)"):

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dermseg_jax.models.layers import BatchNorm, xavier_normal
+from dermseg_jax.models.layers import BatchNorm, Conv, xavier_normal
 
 
 def check_rates(rates: Sequence[int], feature_hw: tuple[int, int]) -> None:
@@ -60,7 +60,7 @@ class ASPPBranch(nn.Module):
             dict(strides=(2, 2), padding="VALID"),
         )
         for i, kwargs in enumerate(layers, start=1):
-            x = nn.Conv(
+            x = Conv(
                 self.features,
                 (3, 3),
                 kernel_init=xavier_normal,

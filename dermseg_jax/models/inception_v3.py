@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dermseg_jax.models.layers import BatchNorm
+from dermseg_jax.models.layers import BatchNorm, Conv
 
 # Stem layers in the thesis' groups: l1 (stride 2 features), l2 (after maxpool1), l3 (Mixed_5*).
 L1_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3")
@@ -39,7 +39,7 @@ class BasicConv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         pad = ((self.padding, self.padding),) * 2
-        x = nn.Conv(
+        x = Conv(
             self.features,
             (self.kernel_size, self.kernel_size),
             strides=(self.stride, self.stride),

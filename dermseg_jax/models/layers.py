@@ -1,4 +1,4 @@
-"""Layers with PyTorch semantics that Flax does not provide: BatchNorm and ConvTranspose.
+"""Layers with PyTorch semantics that Flax does not provide: BatchNorm, ConvTranspose, Conv.
 
 `BatchNorm` keeps Flax's variable names (`params/{scale,bias}`, `batch_stats/{mean,var}`) and
 momentum convention (weight of the old running value, = 1 - PyTorch momentum), but updates the
@@ -9,6 +9,10 @@ BatchNorm uses the biased one, which drifts from PyTorch by a factor n / (n - 1)
 caller: the thesis' `output_padding` generalised to any (also negative) amount, so a decoder
 stage can be aligned to its skip connection at any input size. Its arithmetic lives in
 `transposed_conv.py` (a fast sub-pixel form by default, `lax.conv_transpose` on request).
+
+`Conv` is `flax.linen.Conv` (same parameter names, shapes and arithmetic) whose kernel gradient
+is computed by `conv.conv2d`: one GEMM per kernel tap instead of XLA:CPU's slow backward-filter
+convolution.
 """
 
 from typing import Any
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dermseg_jax.models.conv import conv2d
 from dermseg_jax.models.transposed_conv import conv_transpose
 
 # torch.nn.init.xavier_normal_ draws from an untruncated normal; JAX's glorot_normal truncates.
@@ -106,3 +111,49 @@ class ConvTranspose(nn.Module):
             x.astype(self.dtype), kernel.astype(self.dtype), s, output_hw, self.implementation
         )
         return y + bias.astype(self.dtype)
+
+
+class Conv(nn.Module):
+    """`nn.Conv` for NHWC images with explicit integer padding, backed by `conv.conv2d`.
+
+    Parameters `kernel` [kh, kw, C_in, features] and `bias` [features] are `nn.Conv`'s, so
+    checkpoints and the PyTorch conversion do not depend on which of the two built them.
+
+    Attributes:
+        features: output channels.
+        kernel_size: (kh, kw).
+        strides: (sh, sw).
+        padding: ((top, bottom), (left, right)) zeros, or 'VALID'.
+        kernel_dilation: (dh, dw).
+        use_bias: add a bias (zeros at init).
+        kernel_init: kernel initialiser.
+        dtype: compute dtype; parameters stay float32.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "VALID"
+    kernel_dilation: tuple[int, int] = (1, 1)
+    use_bias: bool = True
+    kernel_init: Any = xavier_normal
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[N, H, W, C_in] -> [N, H_out, W_out, features]."""
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        padding = ((0, 0), (0, 0)) if self.padding == "VALID" else self.padding
+        padding = tuple(tuple(int(v) for v in pair) for pair in padding)
+        y = conv2d(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            tuple(self.strides),
+            padding,
+            tuple(self.kernel_dilation),
+        )
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y

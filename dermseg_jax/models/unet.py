@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dermseg_jax.models.aspp import ASPP, check_rates
 from dermseg_jax.models.inception_v3 import InceptionV3Encoder
-from dermseg_jax.models.layers import BatchNorm, ConvTranspose, xavier_normal
+from dermseg_jax.models.layers import BatchNorm, Conv, ConvTranspose, xavier_normal
 
 HEAD_CHANNELS = {"softmax": 6, "sigmoid": 5}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,7 +65,7 @@ class UpStage(nn.Module):
         if self.dropout_rate > 0:
             # Dropout2d: one draw per (image, channel), shared over H and W.
             x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=not train)
-        x = nn.Conv(
+        x = Conv(
             self.features,
             (3, 3),
             padding=((1, 1), (1, 1)),
@@ -119,7 +119,7 @@ class Decoder(nn.Module):
         )(x, l1.shape[1:3], train=train)
         x = jnp.concatenate([x, l1.astype(x.dtype)], axis=-1)
         x = UpStage(scaled(256, w), scaled(256, w), 7, name="l7", **kw)(x, output_hw, train=train)
-        x = nn.Conv(
+        x = Conv(
             self.num_classes, (1, 1), kernel_init=xavier_normal, dtype=self.dtype, name="head"
         )(x)
         return BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name="head_bn")(

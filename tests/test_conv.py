@@ -1,0 +1,116 @@
+"""The fast convolution formulations equal XLA's textbook ones, values and gradients:
+`conv.conv2d` (per-tap GEMM kernel gradient, behind `layers.Conv`) against
+`lax.conv_general_dilated`, and the 'subpixel' transposed convolution against
+`lax.conv_transpose`."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from dermseg_jax.models.conv import conv2d
+from dermseg_jax.models.layers import Conv
+from dermseg_jax.models.transposed_conv import conv_transpose
+
+DIMS = ("NHWC", "HWIO", "NHWC")
+
+# (kernel, stride, padding, dilation): the network's convolutions (3x3 same, stride-2 valid,
+# dilated ASPP, 1x1, 5x5) and a few that only the general formula covers.
+CASES = [
+    (3, 1, 1, 1),
+    (3, 2, 0, 1),
+    (3, 1, 2, 2),
+    (3, 1, 4, 4),
+    (1, 1, 0, 1),
+    (1, 2, 0, 1),
+    (5, 1, 2, 1),
+    (3, 2, 1, 1),
+    (2, 3, 1, 2),
+]
+
+
+def _reference(x, kernel, stride, padding, dilation):
+    pad = ((padding, padding), (padding, padding))
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), pad, rhs_dilation=(dilation, dilation), dimension_numbers=DIMS
+    )
+
+
+def _fast(x, kernel, stride, padding, dilation):
+    pad = ((padding, padding), (padding, padding))
+    return conv2d(x, kernel, (stride, stride), pad, (dilation, dilation))
+
+
+@pytest.mark.parametrize(("k", "stride", "padding", "dilation"), CASES)
+def test_conv2d_value_and_gradients_equal_lax(k, stride, padding, dilation):
+    rng = np.random.default_rng(k * 100 + stride * 10 + dilation)
+    x = rng.normal(size=(2, 11, 13, 5)).astype(np.float32)  # odd, non-square sides
+    kernel = rng.normal(size=(k, k, 5, 7)).astype(np.float32)
+    args = (stride, padding, dilation)
+    expected = _reference(x, kernel, *args)
+    cot = rng.normal(size=expected.shape).astype(np.float32)
+
+    def loss(fn, x, kernel):
+        return (fn(x, kernel, *args) * cot).sum()
+
+    np.testing.assert_allclose(jax.jit(_fast, static_argnums=(2, 3, 4))(x, kernel, *args), expected)
+    fast = jax.jit(jax.grad(lambda x, w: loss(_fast, x, w), (0, 1)))(x, kernel)
+    ref = jax.grad(lambda x, w: loss(_reference, x, w), (0, 1))(x, kernel)
+    for name, a, b in zip(("input", "kernel"), fast, ref, strict=True):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_conv2d_in_bfloat16_returns_bfloat16_gradients():
+    x = jnp.ones((1, 8, 8, 4), jnp.bfloat16)
+    kernel = jnp.full((3, 3, 4, 2), 0.5, jnp.bfloat16)
+    dx, dk = jax.grad(lambda x, w: _fast(x, w, 1, 1, 1).astype(jnp.float32).sum(), (0, 1))(
+        x, kernel
+    )
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    # Every interior pixel sees all 9 taps of 2 output channels: 9 * 2 * 0.5.
+    assert float(dx[0, 4, 4, 0]) == 9.0
+    # The centre tap sums 64 pixels of ones.
+    assert float(dk[1, 1, 0, 0]) == 64.0
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), "VALID"])
+def test_conv_module_is_flax_conv_with_the_same_parameters(padding):
+    x = np.random.default_rng(0).normal(size=(2, 9, 9, 3)).astype(np.float32)
+    flax_conv = nn.Conv(4, (3, 3), strides=(2, 2), padding=padding)
+    ours = Conv(4, (3, 3), strides=(2, 2), padding=padding)
+    params = flax_conv.init(jax.random.key(0), x)
+    mine = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-5)
+    no_bias = Conv(4, (1, 1), use_bias=False).init(jax.random.key(0), x)
+    assert set(no_bias["params"]) == {"kernel"}
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_subpixel_transposed_convolution_equals_lax_conv_transpose(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(2, 9, 10, 4)).astype(np.float32)
+    kernel = rng.normal(size=(k, k, 3, 4)).astype(np.float32)
+    natural = (8 * 2 + k, 9 * 2 + k)
+    # natural size, PyTorch's output_padding 1, cropped (odd skip sizes)
+    for output_hw in [natural, (natural[0] + 1, natural[1] + 1), (natural[0] - 3, natural[1] - 3)]:
+        cot = rng.normal(size=(2, *output_hw, 3)).astype(np.float32)
+
+        def loss(x, kernel, impl, hw=output_hw, cot=cot):
+            return (conv_transpose(x, kernel, 2, hw, impl) * cot).sum()
+
+        np.testing.assert_allclose(
+            conv_transpose(x, kernel, 2, output_hw, "subpixel"),
+            conv_transpose(x, kernel, 2, output_hw, "xla"),
+            atol=1e-4,
+        )
+        for fast, ref in zip(
+            jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x, kernel, "subpixel"),
+            jax.grad(loss, (0, 1))(x, kernel, "xla"),
+            strict=True,
+        ):
+            np.testing.assert_allclose(fast, ref, atol=1e-3, rtol=1e-5)
