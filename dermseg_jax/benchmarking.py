@@ -348,6 +348,76 @@ def peak_rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+# Dense peak TFLOP/s by (device name fragment, compute dtype), from the vendors' data sheets
+# (SXM parts, no sparsity); `scripts/benchmark.py --peak-tflops` overrides.
+PEAK_TFLOPS = {
+    ("H200", "bfloat16"): 989.0,
+    ("H200", "float32"): 67.0,
+    ("H100", "bfloat16"): 989.0,
+    ("H100", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0,
+    ("A100", "float32"): 19.5,
+}
+
+
+def forward_flops(net: torch.nn.Module, size: int) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one size x size image through the network's convolutions.
+
+    Counted from the layers' shapes with forward hooks (Conv2d: output elements x C_in x k x k;
+    ConvTranspose2d: input elements x C_out x k x k, the multiplications that are not by inserted
+    zeros). Normalisation, activations and the loss are left out (< 1 %). A training step is
+    counted as 3x its forward pass (forward, input and weight gradients: the usual model-FLOPs
+    convention for MFU, frozen layers included).
+    """
+    macs = []
+
+    def hook(module, inputs, output):
+        kh, kw = module.kernel_size
+        if isinstance(module, torch.nn.ConvTranspose2d):
+            x = inputs[0]
+            macs.append(x[0].numel() * module.out_channels * kh * kw / module.groups)
+        else:
+            per_output = module.in_channels // module.groups * kh * kw
+            macs.append(output[0].numel() * per_output)
+
+    layers = [
+        m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, 3, size, size))
+        net.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return 2.0 * float(sum(macs))
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    """The data-sheet peak of a known accelerator for a compute dtype, else None."""
+    for (fragment, kind), value in PEAK_TFLOPS.items():
+        if fragment in device_name and kind == dtype:
+            return value
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False where unsupported.
+
+    Linux >= 4.0: writing 5 to /proc/self/clear_refs. Lets a step's own peak be told apart from
+    the (larger, one-off) peak of compiling it.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def device_peak_memory(framework: str) -> int | None:
     """Peak accelerator memory of a framework in this process (None on the CPU)."""
     if framework == "torch":

@@ -6,8 +6,10 @@ timed), then all variants run one step in turn for `--steps` interleaved rounds 
 the tables report medians. Before any timing an equivalence check compares both frameworks on
 the same weights and batch and stops the run (exit status 2) when they disagree.
 
-Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess (warm-up + one
-step) so that the other variants' allocations do not count; device memory on the GPU.
+Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess so that the other
+variants' allocations do not count: the table shows the peak of one steady-state step (the
+high-water mark is reset after the warm-up); the JSON also keeps the peak including compilation
+and the first step. Device memory on the GPU.
 Scaling: images/s versus global batch (the configurations) and, for JAX, versus emulated CPU
 devices (`--xla_force_host_platform_device_count`, subprocesses); the tf.data input pipeline's
 images/s at the same crop and batch (subprocess: this process never imports TensorFlow).
@@ -54,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None)
     p.add_argument("--devices", type=int, nargs="*", default=None, help="emulated JAX CPU devices")
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline timing")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        nargs=2,
+        metavar=("FLOAT32", "BFLOAT16"),
+        help="device peak TFLOP/s for MFU (default: data sheet of a known GPU; none on CPU)",
+    )
     p.add_argument("--out", default="benchmark.json")
     p.add_argument("--worker", choices=("memory", "devices", "input"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -87,7 +96,12 @@ def _subprocess_json(args: list[str], env=None, timeout=3600) -> dict:
 
 
 def memory_worker(a) -> dict:
-    """Child process: build one variant, warm up, one step; report RSS and device peaks."""
+    """Child process: build one variant, warm up (compile + first step), then one more step.
+
+    Peak RSS is read twice: after the warm-up (`first_step_peak_rss_bytes`, compilation and
+    first-step allocations included) and, with the high-water mark reset in between, over the
+    second step alone (`step_peak_rss_bytes`: the steady-state memory of training).
+    """
     baseline = bm.peak_rss_bytes()
     size, batch_size = a.size[0], a.batch[0]
     net, variables = bm.build_pair(a.width)
@@ -97,10 +111,15 @@ def memory_worker(a) -> dict:
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
-    run()
+    first_peak = bm.peak_rss_bytes()
+    step_peak = None
+    if bm.reset_peak_rss():
+        run()
+        step_peak = bm.peak_rss_bytes()
     framework = "jax" if a.variant.startswith("jax") else "torch"
     return {
-        "peak_rss_bytes": bm.peak_rss_bytes(),
+        "first_step_peak_rss_bytes": first_peak,
+        "step_peak_rss_bytes": step_peak,
         "rss_after_imports_bytes": baseline,
         "device_peak_bytes": bm.device_peak_memory(framework) if a.device == "gpu" else None,
         "first_step_s": first,
@@ -155,9 +174,23 @@ def input_worker(a) -> dict:
     return {"size": size, "batch": batch_size, "images_per_s": n * batch_size / seconds}
 
 
-def run_configuration(a, size, batch_size, net, variables, variants) -> list[dict]:
+def compute_dtype(variant: str) -> str:
+    return "bfloat16" if "bf16" in variant else "float32"
+
+
+def peak_for(a, machine: dict, variant: str) -> float | None:
+    """Peak TFLOP/s of the device for a variant's compute dtype (None: unknown, no MFU)."""
+    if a.peak_tflops:
+        return a.peak_tflops[compute_dtype(variant) == "bfloat16"]
+    if a.device == "gpu":
+        return bm.peak_tflops(machine.get("torch_device", ""), compute_dtype(variant))
+    return None
+
+
+def run_configuration(a, size, batch_size, net, variables, variants, machine) -> list[dict]:
     """Warm-up, memory and interleaved timing of every variant and mode at one configuration."""
     batch = bm.make_batch(batch_size, size, seed=size + batch_size)
+    forward_flops = bm.forward_flops(net, size)
     rows = []
     for mode in a.modes:
         runs, jitted, first = {}, {}, {}
@@ -187,7 +220,12 @@ def run_configuration(a, size, batch_size, net, variables, variants) -> list[dic
                 "step_s_median": step_s,
                 "step_s_samples": samples[variant],
                 "first_step_s": first[variant],
+                "model_flops_per_image": forward_flops * (3 if mode == "train" else 1),
             }
+            row["achieved_tflops"] = row["model_flops_per_image"] * row["images_per_s"] / 1e12
+            peak = peak_for(a, machine, variant)
+            row["peak_tflops"] = peak
+            row["mfu"] = row["achieved_tflops"] / peak if peak else None
             if jitted[variant] is not None:
                 # Exactly one compilation per shape: the timed steps must all hit the cache.
                 row["jit_cache_size"] = jitted[variant]._cache_size()
@@ -225,21 +263,22 @@ def print_table(result: dict) -> None:
         f"{result['settings']['width']}, load {m['load_average']}"
     )
     header = f"{'size':>5} {'batch':>5} {'mode':>5} {'variant':<20} {'img/s':>9} {'step s':>8} "
-    print(header + f"{'first s':>8} {'peak MiB':>9} {'vs torch_f32':>12}")
+    print(header + f"{'first s':>8} {'step MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs torch_f32':>12}")
     ref = {
         (r["size"], r["batch"], r["mode"]): r["images_per_s"]
         for r in result["results"]
         if r["variant"] == "torch_f32"
     }
     for r in result["results"]:
-        mem = r.get("isolated_peak_rss_bytes") or r.get("isolated_device_peak_bytes")
+        mem = r.get("isolated_step_peak_rss_bytes") or r.get("isolated_device_peak_bytes")
         mem = r.get("device_peak_bytes") or mem
         base = ref.get((r["size"], r["batch"], r["mode"]))
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         print(
             f"{r['size']:>5} {r['batch']:>5} {r['mode']:>5} {r['variant']:<20} "
             f"{r['images_per_s']:>9.3f} {r['step_s_median']:>8.3f} {r['first_step_s']:>8.1f} "
-            f"{(mem or 0) / 2**20:>9.0f} {ratio:>12}"
+            f"{(mem or 0) / 2**20:>9.0f} {r['achieved_tflops']:>8.3f} {mfu:>6} {ratio:>12}"
         )
     for r in result.get("devices_scaling", []):
         print(
@@ -248,6 +287,12 @@ def print_table(result: dict) -> None:
         )
     if "input_pipeline" in result:
         print(f"input pipeline: {result['input_pipeline']}")
+    print(
+        "step MiB: peak host RSS of one steady-state step in an isolated process (GPU: device "
+        "memory); first s: warm-up step, compilation included; TFLOP/s: model FLOPs (3x forward "
+        "for training) per second; MFU: that over the device's peak (GPU data sheet or "
+        "--peak-tflops)"
+    )
     for note in result["settings"]["notes"]:
         print("note:", note)
 
@@ -303,7 +348,9 @@ def main(argv=None) -> int:
     result["results"] = []
     for size, batches in plan.items():
         for batch_size in batches:
-            result["results"] += run_configuration(a, size, batch_size, net, variables, variants)
+            result["results"] += run_configuration(
+                a, size, batch_size, net, variables, variants, result["machine"]
+            )
     first_size, first_batch = min(plan), max(plan[min(plan)])
     result["devices_scaling"] = []
     for n in devices:

@@ -1,8 +1,9 @@
 """Plots training (solid) and inference (dashed) images/s versus batch size, one line per
-framework variant and input size, from `scripts/benchmark.py`'s JSON.
+framework variant and input size, from one or more of `scripts/benchmark.py`'s JSON files
+(runs at different batch sizes on the same machine; the first file's machine titles the plot).
 
 COMMAND:
-    .venv/bin/python scripts/plot_benchmark.py benchmark_cpu.json --out benchmark_cpu.png
+    .venv/bin/python scripts/plot_benchmark.py benchmark_cpu.json [more.json ...] --out plot.png
 """
 
 import argparse
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot(result: dict, out: str) -> None:
-    """Writes one PNG: images/s (log) versus batch size."""
+    """Writes one PNG: images/s (log) versus batch size, from a (merged) benchmark result."""
     lines = defaultdict(list)
     for r in result["results"]:
         lines[(r["variant"], r["size"], r["mode"])].append((r["batch"], r["images_per_s"]))
@@ -54,13 +55,16 @@ def plot(result: dict, out: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("json", help="scripts/benchmark.py output")
-    p.add_argument("--out", default=None, help="PNG path (default: the JSON's name, .png)")
+    p.add_argument("json", nargs="+", help="scripts/benchmark.py output(s)")
+    p.add_argument("--out", default=None, help="PNG path (default: the first JSON's name, .png)")
     a = p.parse_args()
-    with open(a.json) as f:
-        result = json.load(f)
-    out = a.out or a.json.rsplit(".", 1)[0] + ".png"
-    plot(result, out)
+    results = []
+    for path in a.json:
+        with open(path) as f:
+            results.append(json.load(f))
+    merged = dict(results[0], results=[r for res in results for r in res["results"]])
+    out = a.out or a.json[0].rsplit(".", 1)[0] + ".png"
+    plot(merged, out)
     print(f"wrote {out}")
 
 

@@ -102,3 +102,41 @@ def test_script_writes_the_expected_json(tmp_path):
         assert row["first_step_s"] > 0 and len(row["step_s_samples"]) == 1
     assert rows[("jax_f32", "train")]["jit_cache_size"] == 1
     assert "vs torch_f32" in proc.stdout
+
+
+def test_peak_rss_can_be_reset_to_tell_a_step_from_its_warm_up():
+    big = np.ones(300 * 2**20 // 8)  # 300 MiB touched, then freed
+    peak = bm.peak_rss_bytes()
+    del big
+    assert bm.reset_peak_rss()
+    assert bm.peak_rss_bytes() < peak - 200 * 2**20
+
+
+def test_plot_merges_runs_at_different_batch_sizes(tmp_path):
+    machine = {"device": "cpu", "cpu_model": "test cpu", "jax": "j", "torch": "t"}
+    paths = []
+    for batch in (2, 24):
+        rows = [
+            {"variant": v, "size": 128, "mode": "train", "batch": batch, "images_per_s": batch / d}
+            for v, d in (("jax_f32", 2.0), ("torch_f32", 3.0))
+        ]
+        path = tmp_path / f"b{batch}.json"
+        path.write_text(
+            json.dumps({"machine": machine, "settings": {"width": 1.0}, "results": rows})
+        )
+        paths.append(str(path))
+    out = tmp_path / "plot.png"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "plot_benchmark.py"), *paths]
+    proc = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forward_flops_count_the_multiply_adds_of_convolutions():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),  # 8x8 out: 64 * 4 * (3 * 9) MACs
+        torch.nn.ConvTranspose2d(4, 2, 3, stride=2),  # 8x8 in: 64 * 4 * 2 * 9 MACs
+        torch.nn.ReLU(),
+    )
+    assert bm.forward_flops(net, 8) == 2 * (64 * 4 * 27 + 64 * 4 * 2 * 9)
+    assert net.training  # the mode is restored

@@ -12,6 +12,12 @@ input read at the tap's offset (and the stride) and G the output gradient, both 
 is a plain [C_in, M] @ [M, C_out] GEMM; a `lax.scan` over taps keeps the program small and one
 tap's slice alive at a time. Results equal `lax.conv_general_dilated`'s gradient to float32
 rounding (tests/test_conv.py).
+
+Under a data-parallel mesh (`jax.set_mesh` with a 'data' axis) the backward pass runs per batch
+shard in `jax.shard_map` and the kernel gradient is summed with one `psum` after the tap loop
+(`data_parallel_backward`): left to the partitioner, every per-tap product would carry its own
+all-reduce inside the loop, and collectives inside loops may run in a different order in
+different processes (a gloo "collective mismatch" on multi-process CPU runs).
 """
 
 import functools
@@ -19,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dermseg_jax.sharding import DATA_AXIS
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -97,12 +105,44 @@ def kernel_gradient(x, g, kernel_shape, strides, padding, dilation):
     return dk.reshape(kernel_shape)
 
 
+def data_parallel_backward(local_backward, x, kernel, g):
+    """(dx, dkernel) of a per-example layer, per data shard when a 'data' mesh is set.
+
+    Args:
+        local_backward: (x, kernel, g) -> (dx, dkernel) on any batch.
+        x: [N, ...] layer input, batch-sharded under data parallelism.
+        kernel: the (replicated) kernel.
+        g: [N, ...] output gradient.
+
+    Returns:
+        (dx, dkernel) of the whole batch: dx stays batch-sharded, dkernel is summed over the
+        shards with a single `psum`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return local_backward(x, kernel, g)
+    shards = mesh.shape[DATA_AXIS]
+    if shards == 1 or x.shape[0] % shards:
+        return local_backward(x, kernel, g)
+
+    def shard_backward(x, kernel, g):
+        dx, dk = local_backward(x, kernel, g)
+        return dx, lax.psum(dk, DATA_AXIS)
+
+    data, replicated = jax.P(DATA_AXIS), jax.P()
+    return jax.shard_map(
+        shard_backward, in_specs=(data, replicated, data), out_specs=(data, replicated)
+    )(x, kernel, g)
+
+
 def _bwd(strides, padding, dilation, residuals, g):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding, dilation), x)
-    (dx,) = input_vjp(g)
-    dk = kernel_gradient(x, g, kernel.shape, strides, padding, dilation)
-    return dx, dk.astype(kernel.dtype)
+    def local_backward(x, kernel, g):
+        _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding, dilation), x)
+        (dx,) = input_vjp(g)
+        dk = kernel_gradient(x, g, kernel.shape, strides, padding, dilation)
+        return dx, dk.astype(kernel.dtype)
+
+    return data_parallel_backward(local_backward, *residuals, g)
 
 
 conv2d.defvjp(_fwd, _bwd)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dermseg_jax.models.conv import data_parallel_backward
+
 IMPLEMENTATIONS = ("subpixel", "xla")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -102,7 +104,10 @@ def _subpixel_fwd(x, kernel, stride, output_hw):
 
 def _subpixel_bwd(stride, output_hw, residuals, g):
     del output_hw  # g already has the output's shape
-    x, kernel = residuals
+    return data_parallel_backward(functools.partial(_local_backward, stride), *residuals, g)
+
+
+def _local_backward(stride, x, kernel, g):
     n, h, w, _ = x.shape
     k, s = kernel.shape[0], stride
     taps = -(-k // s)
@@ -129,7 +134,8 @@ def _subpixel_bwd(stride, output_hw, residuals, g):
         dk = jnp.dot(g_t, x_rows, preferred_element_type=jnp.float32)
         return dx_t, dk.astype(kernel.dtype)
 
-    dx_t, dkernel = lax.scan(tap, jnp.zeros((c_in, n * h * w), jnp.float32), (th, tw))
+    # zeros_like keeps x's sharding type (varying over the data axis inside shard_map).
+    dx_t, dkernel = lax.scan(tap, jnp.zeros_like(x_rows, jnp.float32).T, (th, tw))
     return dx_t.T.reshape(x.shape).astype(x.dtype), dkernel.reshape(kernel.shape)
 
 
