@@ -17,6 +17,7 @@ This module imports torch (and torchvision via `torch_baseline`) and never Tenso
 """
 
 import copy
+import ctypes
 import functools
 import os
 import platform
@@ -402,6 +403,18 @@ def peak_tflops(device_name: str, dtype: str) -> float | None:
         if fragment in device_name and kind == dtype:
             return value
     return None
+
+
+def release_free_heap() -> None:
+    """Returns freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Compilation (XLA) and model building free much more memory than they keep; glibc holds the
+    freed pages in the process, where they would count as the next step's memory.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> bool:

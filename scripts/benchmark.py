@@ -102,8 +102,9 @@ def memory_worker(a) -> dict:
     """Child process: build one variant, warm up (compile + first step), then one more step.
 
     Peak RSS is read twice: after the warm-up (`first_step_peak_rss_bytes`, compilation and
-    first-step allocations included) and, with the high-water mark reset in between, over the
-    second step alone (`step_peak_rss_bytes`: the steady-state memory of training).
+    first-step allocations included) and, with freed heap returned to the OS and the high-water
+    mark reset in between, over the second step alone (`step_peak_rss_bytes`: the steady-state
+    memory of training).
     """
     baseline = bm.peak_rss_bytes()
     size, batch_size = a.size[0], a.batch[0]
@@ -116,6 +117,7 @@ def memory_worker(a) -> dict:
     first = time.perf_counter() - start
     first_peak = bm.peak_rss_bytes()
     step_peak = None
+    bm.release_free_heap()  # for both frameworks alike: compile-time garbage is not a step's
     if bm.reset_peak_rss():
         run()
         step_peak = bm.peak_rss_bytes()
