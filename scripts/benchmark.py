@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -118,13 +119,17 @@ def memory_worker(a) -> dict:
     first_peak = bm.peak_rss_bytes()
     step_peak = None
     bm.release_free_heap()  # for both frameworks alike: compile-time garbage is not a step's
+    faults = None
     if bm.reset_peak_rss():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run()
         step_peak = bm.peak_rss_bytes()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     framework = "jax" if a.variant.startswith("jax") else "torch"
     return {
         "first_step_peak_rss_bytes": first_peak,
         "step_peak_rss_bytes": step_peak,
+        "step_minor_page_faults": faults,
         "rss_after_imports_bytes": baseline,
         "device_peak_bytes": bm.device_peak_memory(framework) if a.device == "gpu" else None,
         "first_step_s": first,
