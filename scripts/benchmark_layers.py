@@ -78,6 +78,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--xla-deconv",
+        action="store_true",
+        help="also time lax.conv_transpose (its backward pass: ~10x the others, minutes at l7)",
+    )
     p.add_argument("--out", default=None, help="optional JSON file")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     for name, (side, c_in, c_out, k, out) in DECONVS.items():
         x = rng.random((a.batch, side, side, c_in), np.float32)
         w = (rng.standard_normal((k, k, c_out, c_in)) * 0.01).astype(np.float32)
-        for impl in transposed_conv.IMPLEMENTATIONS:
+        for impl in transposed_conv.IMPLEMENTATIONS if a.xla_deconv else ("subpixel",):
 
             def layer(x, w, impl=impl, out=out):
                 return transposed_conv.conv_transpose(x, w, 2, (out, out), impl)
