@@ -72,11 +72,6 @@ def kernel_gradient(x, g, kernel_shape, strides, padding, dilation):
     (sh, sw), (dh, dw) = strides, dilation
     n, ho, wo, _ = g.shape
     g2 = g.reshape(n * ho * wo, c_out)
-    if (kh, kw) == (1, 1):
-        xs = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-        xs = xs[:, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
-        dk = jnp.dot(xs.reshape(-1, c_in).T, g2, preferred_element_type=jnp.float32)
-        return dk.reshape(kernel_shape).astype(g.dtype)
     # Channel-major padded input, split into its sh x sw stride phases so that every tap reads
     # one contiguous window: tap (i, j) starts at row i * dh of the padded input, which is row
     # (i * dh) // sh of phase (i * dh) % sh.
