@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from configs import thesis
-from dermseg_jax import losses, models, optim, sharding, trainer
+from dermseg_jax import losses, models, optim, sharding, trainer, xla_options
 from dermseg_jax.models import convert_torch
 from dermseg_jax.models.torch_baseline import InceptionUNetTorch
 
@@ -141,7 +141,11 @@ def jitted_train_step(config, donate: bool = True) -> Callable:
         class_weights=jnp.asarray(losses.THESIS_CLASS_WEIGHTS, jnp.float32),
         frozen_groups=optim.frozen_groups(config.optim),
     )
-    return jax.jit(step, donate_argnums=0 if donate else ())
+    return jax.jit(
+        step,
+        donate_argnums=0 if donate else (),
+        compiler_options=xla_options.train_step_options(),
+    )
 
 
 def jax_train_step_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> Callable:

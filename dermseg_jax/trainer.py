@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from jax import lax
 
-from dermseg_jax import checkpointing, losses, models, optim, sharding
+from dermseg_jax import checkpointing, losses, models, optim, sharding, xla_options
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -442,9 +442,12 @@ def train_and_evaluate(
             frozen_groups=optim.frozen_groups(config.optim),
         )
         # Compiled once each; donation reuses the state's buffers for the new state.
-        train_step_fn = jax.jit(step_fn, donate_argnums=0)
+        options = xla_options.train_step_options()
+        train_step_fn = jax.jit(step_fn, donate_argnums=0, compiler_options=options)
         frozen_bn_step_fn = jax.jit(
-            functools.partial(step_fn, update_batch_stats=False), donate_argnums=0
+            functools.partial(step_fn, update_batch_stats=False),
+            donate_argnums=0,
+            compiler_options=options,
         )
         freeze_bn = config.train.get("freeze_bn_stats_after_first_eval", False)
         bn_frozen = freeze_bn and eval_every > 0 and step >= eval_every

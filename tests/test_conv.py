@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dermseg_jax.models.conv import conv2d
+from dermseg_jax.models.conv import after, conv2d
 from dermseg_jax.models.layers import Conv
 from dermseg_jax.models.transposed_conv import conv_transpose
 
@@ -74,6 +74,16 @@ def test_conv2d_in_bfloat16_returns_bfloat16_gradients():
     assert float(dx[0, 4, 4, 0]) == 9.0
     # The centre tap sums 64 pixels of ones.
     assert float(dk[1, 1, 0, 0]) == 64.0
+
+
+def test_after_keeps_the_value_and_adds_a_data_dependence():
+    x = jnp.arange(6.0).reshape(2, 3) - 2.5
+    dependency = jnp.full((2, 2, 2), 7.0)
+    np.testing.assert_array_equal(after(x, dependency), x)
+    # The dependence is real: XLA may not drop it, so it carries a non-finite value through.
+    assert np.isnan(np.asarray(jax.jit(after)(x, dependency.at[0, 0, 0].set(jnp.inf)))).all()
+    jaxpr = str(jax.make_jaxpr(after)(x, dependency))
+    assert "slice" in jaxpr and "mul" in jaxpr
 
 
 @pytest.mark.parametrize("padding", [((1, 1), (1, 1)), "VALID"])
