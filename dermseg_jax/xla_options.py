@@ -1,6 +1,6 @@
 """XLA compiler options for the training step, per backend (`jax.jit(compiler_options=...)`).
 
-CPU, three options, all about memory (XLA's temporary buffer and compiled program for the
+CPU, three options, about memory (XLA's temporary buffer and compiled program for the
 thesis training step at 128x128, float32; `scripts/benchmark.py` reports the resulting peak RSS
 against PyTorch's):
 
@@ -14,8 +14,10 @@ against PyTorch's):
   sum over an elementwise expression (x - mean, g * x_hat) became one more activation-sized
   buffer; XLA's own reduction loops compute the expression on the fly.
 - `xla_cpu_parallel_codegen_split_count=1`: one LLVM module for the step instead of several
-  compiled in parallel: the loaded program holds 123 instead of 249 MiB, and on 2 cores it
-  also compiles faster (14.0 against 18.1 s).
+  compiled in parallel: the loaded program holds 123 instead of 249 MiB of RSS after
+  compilation, and on 2 cores it compiles faster (14.0 against 18.1 s). The peak RSS of a step
+  did not move with it (benchmark, batch 2: 2672 against 2675 MiB): the step's own allocations
+  reuse the freed memory.
 
 Measured at batch 24 (MiB): default 5097; memory-optimised scheduler 4445; both options 4160;
 both options with the kernel-gradient ordering of `models/conv.after` 3155 (batch 2: 752 ->
