@@ -17,14 +17,14 @@ import statistics
 import sys
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # before JAX's plugins, as in the other scripts
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax import lax
 
-from dermseg_jax.models import transposed_conv  # noqa: E402
-from dermseg_jax.models.conv import conv2d  # noqa: E402
+from dermseg_jax.models import transposed_conv
+from dermseg_jax.models.conv import conv2d
 
 # name: (input side, C_in, C_out, k, output side) at a 128x128 network input.
 DECONVS = {"l5": (13, 1056, 800, 3, 28), "l6": (28, 704, 704, 7, 61), "l7": (61, 320, 256, 7, 128)}

@@ -4,11 +4,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from configs import thesis
-from dermseg_jax import losses, models, optim, sharding, trainer, xla_options
+from dermseg_jax import benchmarking, losses, models, optim, sharding, trainer, xla_options
 
 
 def test_options_are_for_the_cpu_only():
@@ -30,14 +29,7 @@ def test_cpu_options_shrink_the_training_steps_temporary_memory():
     model = models.create_model(config.model)
     mesh = sharding.make_mesh()
     state = trainer.create_train_state(config, jax.random.key(0), mesh, model)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.normal(size=(2, 96, 96, 3)).astype(np.float32),
-        "label": rng.integers(0, 6, (2, 96, 96)).astype(np.int32),
-        "structures": rng.integers(0, 2, (2, 96, 96, 5)).astype(np.uint8),
-        "valid": np.ones((2, 96, 96), np.float32),
-    }
-    batch = sharding.shard_batch(batch, mesh)
+    batch = sharding.shard_batch(benchmarking.make_batch(2, 96), mesh)
     step = functools.partial(
         trainer.train_step,
         loss_cfg=config.loss,
