@@ -68,10 +68,9 @@ class ASPPBranch(nn.Module):
                 name=f"conv{i}",
                 **kwargs,
             )(x)
-            x = BatchNorm(momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(
-                x, use_running_average=not train
-            )
-            x = nn.relu(x)
+            x = BatchNorm(
+                momentum=self.bn_momentum, epsilon=1e-5, relu=True, dtype=self.dtype, name=f"bn{i}"
+            )(x, use_running_average=not train)
         return x
 
 

@@ -49,10 +49,9 @@ class BasicConv2d(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        x = BatchNorm(momentum=self.bn_momentum, epsilon=1e-3, dtype=self.dtype, name="bn")(
-            x, use_running_average=not train
-        )
-        return nn.relu(x)
+        return BatchNorm(
+            momentum=self.bn_momentum, epsilon=1e-3, relu=True, dtype=self.dtype, name="bn"
+        )(x, use_running_average=not train)
 
 
 class InceptionA(nn.Module):

@@ -53,7 +53,7 @@ class UpStage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, output_hw: tuple[int, int], *, train: bool) -> jax.Array:
-        bn = functools.partial(BatchNorm, momentum=self.bn_momentum, dtype=self.dtype)
+        bn = functools.partial(BatchNorm, momentum=self.bn_momentum, relu=True, dtype=self.dtype)
         x = ConvTranspose(
             self.up_features,
             self.kernel_size,
@@ -61,7 +61,7 @@ class UpStage(nn.Module):
             implementation=self.deconv_impl,
             name="deconv",
         )(x, output_hw)
-        x = nn.relu(bn(name="deconv_bn")(x, use_running_average=not train))
+        x = bn(name="deconv_bn")(x, use_running_average=not train)
         if self.dropout_rate > 0:
             # Dropout2d: one draw per (image, channel), shared over H and W.
             x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=not train)
@@ -73,7 +73,7 @@ class UpStage(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        return nn.relu(bn(name="conv_bn")(x, use_running_average=not train))
+        return bn(name="conv_bn")(x, use_running_average=not train)
 
 
 class Decoder(nn.Module):
