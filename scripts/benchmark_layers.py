@@ -1,10 +1,12 @@
 """Per-layer timing of the thesis network's dominant layers: JAX formulations against PyTorch.
 
 Forward and forward + backward (input and kernel gradients) of the decoder's transposed
-convolutions (l5 k3, l6 k7, l7 k7, stride 2) and of the 3x3 convolutions at the two largest
-resolutions, at the shapes of a 128x128 input, float32, medians of `--steps` runs. JAX variants:
-the project's formulations ('subpixel' transposed convolution, `conv.conv2d`) and XLA's textbook
-ones (`lax.conv_transpose`, `lax.conv_general_dilated`). This is how the formulations in
+convolutions (l5 k3, l6 k7, l7 k7, stride 2), of the 3x3 convolutions at the two largest
+resolutions and of training-mode BatchNorm + ReLU on the two largest maps, at the shapes of a
+128x128 input, float32, medians of `--steps` runs. JAX variants: the project's formulations
+('subpixel' transposed convolution, `conv.conv2d`, `batch_norm.batch_norm`) and XLA's textbook
+ones (`lax.conv_transpose`, `lax.conv_general_dilated`, BatchNorm written op by op and
+differentiated by JAX); BatchNorm is compiled with the training step's `xla_options`. This is how the formulations in
 `dermseg_jax/models/` were chosen; `scripts/benchmark.py` times the whole step.
 
 COMMAND:
@@ -23,13 +25,17 @@ import numpy as np
 import torch
 from jax import lax
 
+from dermseg_jax import xla_options
 from dermseg_jax.models import transposed_conv
+from dermseg_jax.models.batch_norm import batch_norm
 from dermseg_jax.models.conv import conv2d
 
 # name: (input side, C_in, C_out, k, output side) at a 128x128 network input.
 DECONVS = {"l5": (13, 1056, 800, 3, 28), "l6": (28, 704, 704, 7, 61), "l7": (61, 320, 256, 7, 128)}
 # name: (side, C_in, C_out) of 3x3, padding-1 convolutions.
 CONVS = {"l6.conv": (61, 704, 256), "l7.conv": (128, 256, 256)}
+# name: (side, channels) of BatchNorm + ReLU layers (eps 1e-5).
+BATCH_NORMS = {"l6.deconv_bn": (61, 704), "l7.conv_bn": (128, 256)}
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -42,10 +48,12 @@ def median_seconds(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def jax_pair(layer, x, w, argnums=(0, 1)):
+def jax_pair(layer, x, w, argnums=(0, 1), options=None):
     """(forward, forward + backward) callables of a JAX layer(x, w), blocking."""
-    forward = jax.jit(layer)
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums))
+    forward = jax.jit(layer, compiler_options=options)
+    grad = jax.jit(
+        jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums), compiler_options=options
+    )
     return (
         lambda: forward(x, w).block_until_ready(),
         lambda: jax.block_until_ready(grad(x, w)),
@@ -72,6 +80,17 @@ def _fast_conv3x3(x, w):
 def _lax_conv3x3(x, w):
     dims = ("NHWC", "HWIO", "NHWC")
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+
+
+def _batch_norm_relu(x, scale):
+    return batch_norm(x, scale, jnp.zeros_like(scale), 1e-5, True)[0]
+
+
+def _op_by_op_batch_norm_relu(x, scale):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    return jax.nn.relu((x - mean) * lax.rsqrt(var + 1e-5) * scale)
 
 
 def main(argv=None) -> int:
@@ -120,6 +139,22 @@ def main(argv=None) -> int:
         record(
             name,
             "torch Conv2d",
+            torch_pair(module, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())),
+        )
+    options = xla_options.train_step_options()
+    for name, (side, channels) in BATCH_NORMS.items():
+        x = rng.standard_normal((a.batch, side, side, channels)).astype(np.float32)
+        xj, scale = jnp.asarray(x), jnp.ones((channels,), jnp.float32)
+        record(name, "jax batch_norm", jax_pair(_batch_norm_relu, xj, scale, options=options))
+        record(
+            name,
+            "jax op by op",
+            jax_pair(_op_by_op_batch_norm_relu, xj, scale, options=options),
+        )
+        module = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
+        record(
+            name,
+            "torch BatchNorm2d+ReLU",
             torch_pair(module, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())),
         )
     if a.out:
