@@ -7,9 +7,9 @@ Two things make XLA:CPU slow at the thesis' BatchNorm layers on large maps (128x
    than 32 into a `reduce-window` of 32-wide windows followed by a small reduce. A
    `reduce-window` does not fuse with the elementwise expression it reduces, so each BatchNorm
    sum (of x - mean, of g * x_hat, ...) first wrote that expression out at full size and then
-   read it back, on one core. `channel_sum` sums the same values as [rows / 32, 32, C] partial
-   sums (every reduced dimension 32 long: fused, vectorised over C, parallel over rows), then
-   sums the partials; an optimisation barrier between the two stops XLA from merging them back
+   read it back, on one core. `channel_sum` sums each image's rows in groups of 32 (every
+   reduced dimension 32 long: fused, vectorised over C, parallel over rows), then sums the
+   partials; an optimisation barrier between the two stops XLA from merging them back
    into the one reduction it would rewrite. On other backends it is a plain `jnp.sum`.
 2. Differentiated op by op, `relu((x - mean) * inv_std * scale + bias)` gives the backward pass
    several activation-sized residuals and five reductions. `batch_norm` saves one, the
@@ -35,20 +35,24 @@ _WINDOW = 32
 
 
 def channel_sum(x: jax.Array) -> jax.Array:
-    """Sum of `x` [..., C] over all axes but the last, in x's dtype: [C].
+    """Sum of `x` [N, ..., C] over all axes but the last, in x's dtype: [C].
 
     On the CPU a reduction with a reduced dimension longer than 32 is summed in two stages (the
-    module docstring says why); elsewhere, and when every reduced dimension is short enough for
-    XLA to reduce it in one fused loop, it is `jnp.sum`.
+    module docstring says why): each item's rows in groups of 32, then the partial sums. Groups
+    stay within an item, so a batch sharded over devices is summed where it lies. Elsewhere, and
+    when every reduced dimension is short enough for XLA to reduce it in one fused loop, it is
+    `jnp.sum`.
     """
     axes = tuple(range(x.ndim - 1))
     if jax.default_backend() != "cpu" or all(d <= _WINDOW for d in x.shape[:-1]):
         return jnp.sum(x, axes)
-    rows = x.reshape(-1, x.shape[-1])
-    main = rows.shape[0] - rows.shape[0] % _WINDOW
-    partial = rows[:main].reshape(main // _WINDOW, _WINDOW, -1).sum(1)
-    total = lax.optimization_barrier(partial).sum(0)
-    return total + rows[main:].sum(0) if main < rows.shape[0] else total
+    items = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, rows, C]
+    main = items.shape[1] - items.shape[1] % _WINDOW
+    if main == 0:
+        return jnp.sum(x, axes)
+    groups = items[:, :main].reshape(x.shape[0], main // _WINDOW, _WINDOW, -1)
+    total = lax.optimization_barrier(groups.sum(2)).sum((0, 1))
+    return total + items[:, main:].sum((0, 1)) if main < items.shape[1] else total
 
 
 def _forward(x, scale, bias, epsilon, relu):
