@@ -133,8 +133,11 @@ def create_train_state(config, variables: Mapping, mesh: jax.sharding.Mesh, seed
     return jax.device_put(state, sharding.replicated_sharding(mesh))
 
 
-def jitted_train_step(config, donate: bool = True) -> Callable:
-    """`trainer.train_step` for the thesis loss, jitted (the state donated unless told not to)."""
+def jitted_train_step(config, donate: bool = True, compiler_options=None) -> Callable:
+    """`trainer.train_step` for the thesis loss, jitted (the state donated unless told not to).
+
+    `compiler_options` default to the training step's (`xla_options.train_step_options()`).
+    """
     step = functools.partial(
         trainer.train_step,
         loss_cfg=config.loss,
@@ -144,7 +147,9 @@ def jitted_train_step(config, donate: bool = True) -> Callable:
     return jax.jit(
         step,
         donate_argnums=0 if donate else (),
-        compiler_options=xla_options.train_step_options(),
+        compiler_options=(
+            xla_options.train_step_options() if compiler_options is None else compiler_options
+        ),
     )
 
 

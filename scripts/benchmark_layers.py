@@ -6,8 +6,9 @@ resolutions and of training-mode BatchNorm + ReLU on the two largest maps, at th
 128x128 input, float32, medians of `--steps` runs. JAX variants: the project's formulations
 ('subpixel' transposed convolution, `conv.conv2d`, `batch_norm.batch_norm`) and XLA's textbook
 ones (`lax.conv_transpose`, `lax.conv_general_dilated`, BatchNorm written op by op and
-differentiated by JAX); BatchNorm is compiled with the training step's `xla_options`. This is how the formulations in
-`dermseg_jax/models/` were chosen; `scripts/benchmark.py` times the whole step.
+differentiated by JAX); BatchNorm is compiled with the training step's `xla_options`. This is
+how the formulations in `dermseg_jax/models/` were chosen; `scripts/benchmark.py` times the
+whole step.
 
 COMMAND:
     .venv/bin/python scripts/benchmark_layers.py --batch 2 --steps 3

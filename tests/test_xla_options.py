@@ -1,13 +1,11 @@
 """The training step's CPU compiler options: accepted by XLA and smaller in memory."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from configs import thesis
-from dermseg_jax import benchmarking, losses, models, optim, sharding, trainer, xla_options
+from dermseg_jax import benchmarking, models, sharding, trainer, xla_options
 
 
 def test_options_are_for_the_cpu_only():
@@ -30,16 +28,10 @@ def test_cpu_options_shrink_the_training_steps_temporary_memory():
     mesh = sharding.make_mesh()
     state = trainer.create_train_state(config, jax.random.key(0), mesh, model)
     batch = sharding.shard_batch(benchmarking.make_batch(2, 96), mesh)
-    step = functools.partial(
-        trainer.train_step,
-        loss_cfg=config.loss,
-        class_weights=jnp.asarray(losses.THESIS_CLASS_WEIGHTS, jnp.float32),
-        frozen_groups=optim.frozen_groups(config.optim),
-    )
 
     def temp_bytes(options):
-        compiled = jax.jit(step, compiler_options=options).lower(state, batch).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        step = benchmarking.jitted_train_step(config, donate=False, compiler_options=options)
+        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
     default, tuned = temp_bytes({}), temp_bytes(xla_options.train_step_options("cpu"))
     assert tuned < 0.8 * default, (tuned, default)

@@ -24,6 +24,7 @@ formula's to float32 rounding (tests/test_batch_norm.py).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,16 +44,15 @@ def channel_sum(x: jax.Array) -> jax.Array:
     when every reduced dimension is short enough for XLA to reduce it in one fused loop, it is
     `jnp.sum`.
     """
-    axes = tuple(range(x.ndim - 1))
-    if jax.default_backend() != "cpu" or all(d <= _WINDOW for d in x.shape[:-1]):
-        return jnp.sum(x, axes)
-    items = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, rows, C]
-    main = items.shape[1] - items.shape[1] % _WINDOW
-    if main == 0:
-        return jnp.sum(x, axes)
+    rows = math.prod(x.shape[1:-1])  # per item
+    short = all(d <= _WINDOW for d in x.shape[:-1])
+    if jax.default_backend() != "cpu" or short or rows < _WINDOW:
+        return jnp.sum(x, tuple(range(x.ndim - 1)))
+    items = x.reshape(x.shape[0], rows, x.shape[-1])
+    main = rows - rows % _WINDOW
     groups = items[:, :main].reshape(x.shape[0], main // _WINDOW, _WINDOW, -1)
     total = lax.optimization_barrier(groups.sum(2)).sum((0, 1))
-    return total + items[:, main:].sum((0, 1)) if main < items.shape[1] else total
+    return total + items[:, main:].sum((0, 1)) if main < rows else total
 
 
 def _forward(x, scale, bias, epsilon, relu):
