@@ -1,6 +1,6 @@
 """XLA compiler options for the training step, per backend (`jax.jit(compiler_options=...)`).
 
-CPU, three options, about memory (XLA's temporary buffer and compiled program for the
+CPU, three options, for memory and speed (XLA's temporary buffer and compiled program for the
 thesis training step at 128x128, float32; `scripts/benchmark.py` reports the resulting peak RSS
 against PyTorch's):
 
@@ -9,10 +9,16 @@ against PyTorch's):
   forward values (normalised activations, transposed copies of layer inputs, zero-filled
   accumulators) runs in the forward pass and its activation-sized results wait there for the
   backward pass. The memory-optimised scheduler orders for the smallest live set.
-- `xla_cpu_experimental_ynn_fusion_type`: YNNPACK keeps the matrix products and convolutions
-  but not the reductions. A YNNPACK reduction reads a materialised input, so every BatchNorm
-  sum over an elementwise expression (x - mean, g * x_hat) became one more activation-sized
-  buffer; XLA's own reduction loops compute the expression on the fly.
+- `xla_cpu_experimental_ynn_fusion_type`: YNNPACK runs the matrix products only. Not the
+  reductions: a YNNPACK reduction reads a materialised input, so every BatchNorm sum over an
+  elementwise expression (x - mean, g * x_hat) became one more activation-sized buffer; XLA's
+  own reduction loops compute the expression on the fly. Not the convolutions either: XLA's
+  own (Eigen) convolution is as fast or faster at every shape of the thesis network measured
+  (3x3, 256 -> 256 at 128x128: 162 against 110 GFLOP/s; dilated 3x3 at 13x13: 180 against
+  130; VALID convolutions ~3x), and the training step at 128 px is 7-10 % faster for it
+  (batch 8: 19.1 against 21.2 s, batch 24: 60.7 against 66.9 s, interleaved in one process,
+  together with the transposed-convolution backward pass of `models/transposed_conv.py`,
+  which computes its input gradient with such convolutions).
 - `xla_cpu_parallel_codegen_split_count=1`: one LLVM module for the step instead of several
   compiled in parallel: the loaded program holds 123 instead of 249 MiB of RSS after
   compilation, and on 2 cores it compiles faster (14.0 against 18.1 s). The peak RSS of a step
@@ -22,7 +28,9 @@ against PyTorch's):
 Measured at batch 24 (MiB): default 5097; memory-optimised scheduler 4445; both options 4160;
 both options with the kernel-gradient ordering of `models/conv.after` 3155 (batch 2: 752 ->
 465). The step is not slower for it: 7.17 -> 6.49 s at batch 2, both programs interleaved in one
-process; 87.0 -> 85.2 s at batch 24 in two runs of the benchmark.
+process; 87.0 -> 85.2 s at batch 24 in two runs of the benchmark. With convolutions moved from
+YNNPACK to XLA's own and the per-phase transposed-convolution input gradient: 3204 MiB at batch
+24, 388 at batch 2.
 
 GPU/TPU: no options.
 """
@@ -31,9 +39,7 @@ import jax
 
 CPU_TRAIN_OPTIONS = {
     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-    "xla_cpu_experimental_ynn_fusion_type": (
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    ),
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_parallel_codegen_split_count": 1,
 }
 

@@ -100,22 +100,22 @@ def test_conv_module_is_flax_conv_with_the_same_parameters(padding):
     assert set(no_bias["params"]) == {"kernel"}
 
 
-@pytest.mark.parametrize("k", [3, 7])
-def test_subpixel_transposed_convolution_equals_lax_conv_transpose(k):
+@pytest.mark.parametrize(("k", "stride"), [(3, 2), (7, 2), (4, 3)])
+def test_subpixel_transposed_convolution_equals_lax_conv_transpose(k, stride):
     rng = np.random.default_rng(k)
     x = rng.normal(size=(2, 9, 10, 4)).astype(np.float32)
     kernel = rng.normal(size=(k, k, 3, 4)).astype(np.float32)
-    natural = (8 * 2 + k, 9 * 2 + k)
+    natural = (8 * stride + k, 9 * stride + k)
     # natural size, PyTorch's output_padding 1, cropped (odd skip sizes)
     for output_hw in [natural, (natural[0] + 1, natural[1] + 1), (natural[0] - 3, natural[1] - 3)]:
         cot = rng.normal(size=(2, *output_hw, 3)).astype(np.float32)
 
         def loss(x, kernel, impl, hw=output_hw, cot=cot):
-            return (conv_transpose(x, kernel, 2, hw, impl) * cot).sum()
+            return (conv_transpose(x, kernel, stride, hw, impl) * cot).sum()
 
         np.testing.assert_allclose(
-            conv_transpose(x, kernel, 2, output_hw, "subpixel"),
-            conv_transpose(x, kernel, 2, output_hw, "xla"),
+            conv_transpose(x, kernel, stride, output_hw, "subpixel"),
+            conv_transpose(x, kernel, stride, output_hw, "xla"),
             atol=1e-4,
         )
         for fast, ref in zip(
