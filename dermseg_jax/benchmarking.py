@@ -38,9 +38,19 @@ from dermseg_jax.models.torch_baseline import InceptionUNetTorch
 
 # Trainable thesis groups and their learning rates (configs/thesis.py; l1, l2 frozen).
 TORCH_GROUP_PREFIXES = {"l3": ("l3.",), "aspp": ("a",), "decoder": ("l5.", "l6.", "l7.")}
-JAX_VARIANTS = ("jax_f32", "jax_bf16", "jax_f32_xla_deconv")
+JAX_VARIANTS = ("jax_f32", "jax_bf16", "jax_f32_xla_deconv", "jax_f32_ynn_conv")
 TORCH_VARIANTS = ("torch_f32", "torch_amp_bf16", "torch_compile_f32")
 VARIANTS = JAX_VARIANTS + TORCH_VARIANTS
+# Variants compiled with other XLA options than the step's own (CPU): 'jax_f32_ynn_conv' runs
+# the convolutions on YNNPACK, the CPU setting before XLA's own convolutions were chosen.
+VARIANT_COMPILER_OPTIONS = {
+    "jax_f32_ynn_conv": {
+        **xla_options.CPU_TRAIN_OPTIONS,
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+        ),
+    },
+}
 
 
 class EquivalenceError(AssertionError):
@@ -153,12 +163,17 @@ def jitted_train_step(config, donate: bool = True, compiler_options=None) -> Cal
     )
 
 
-def jax_train_step_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> Callable:
-    """Returns run() -> loss (float) doing one blocking JAX training step; `.jitted` is the fn."""
+def jax_train_step_fn(
+    config, variables: Mapping, batch: Mapping, mesh=None, compiler_options=None
+) -> Callable:
+    """Returns run() -> loss (float) doing one blocking JAX training step; `.jitted` is the fn.
+
+    `compiler_options`: as `jitted_train_step`'s (default: the training step's own).
+    """
     mesh = sharding.make_mesh() if mesh is None else mesh
     holder = {"state": create_train_state(config, variables, mesh)}
     device_batch = sharding.shard_batch(batch, mesh)
-    step = jitted_train_step(config)
+    step = jitted_train_step(config, compiler_options=compiler_options)
 
     def run() -> float:
         holder["state"], metrics = step(holder["state"], device_batch)
@@ -168,13 +183,18 @@ def jax_train_step_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> 
     return run
 
 
-def jax_infer_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> Callable:
-    """Returns run() doing one blocking JAX inference (running statistics) on the batch."""
+def jax_infer_fn(
+    config, variables: Mapping, batch: Mapping, mesh=None, compiler_options=None
+) -> Callable:
+    """Returns run() doing one blocking JAX inference (running statistics) on the batch.
+
+    `compiler_options`: XLA options of the jitted forward pass (default: none).
+    """
     mesh = sharding.make_mesh() if mesh is None else mesh
     model = models.create_model(config.model)
     device_vars = jax.device_put(variables, sharding.replicated_sharding(mesh))
     image = sharding.shard_batch({"image": batch["image"]}, mesh)["image"]
-    apply = jax.jit(functools.partial(model.apply, train=False))
+    apply = jax.jit(functools.partial(model.apply, train=False), compiler_options=compiler_options)
 
     def run() -> None:
         apply(device_vars, image).block_until_ready()

@@ -8,6 +8,11 @@ groups operations by kind: the name without its numeric suffix, so the 49 per-ta
 kernel-gradient loop and every other YNNPACK call count as `ynn_fusion`. Python frames, the
 executor's own waits and thread-pool bookkeeping are left out. `scripts/profile_step.py` prints
 the table for the thesis training step.
+
+XLA:CPU's own convolutions (Eigen, the training step's setting: `xla_options`) run
+asynchronously in Eigen's thread pool; the trace records only their launch
+(`conv_general_dilated`, `convolution`, a few microseconds each), so their time is part of the
+step's wall time but of no row of the table.
 """
 
 import glob

@@ -81,7 +81,9 @@ def make_step(variant, mode, net, variables, batch, width, device):
         deconv = "xla" if variant == "jax_f32_xla_deconv" else "subpixel"
         config = bm.training_config(width, dtype, deconv)
         make = bm.jax_train_step_fn if mode == "train" else bm.jax_infer_fn
-        run = make(config, variables, batch)
+        run = make(
+            config, variables, batch, compiler_options=bm.VARIANT_COMPILER_OPTIONS.get(variant)
+        )
         return run, run.jitted
     amp, compiled = variant == "torch_amp_bf16", variant == "torch_compile_f32"
     if mode == "train":

@@ -6,7 +6,7 @@ resolutions and of training-mode BatchNorm + ReLU on the two largest maps, at th
 128x128 input, float32, medians of `--steps` runs. JAX variants: the project's formulations
 ('subpixel' transposed convolution, `conv.conv2d`, `batch_norm.batch_norm`) and XLA's textbook
 ones (`lax.conv_transpose`, `lax.conv_general_dilated`, BatchNorm written op by op and
-differentiated by JAX); BatchNorm is compiled with the training step's `xla_options`. This is
+differentiated by JAX), all compiled with the training step's `xla_options`. This is
 how the formulations in `dermseg_jax/models/` were chosen; `scripts/benchmark.py` times the
 whole step.
 
@@ -49,8 +49,12 @@ def median_seconds(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def jax_pair(layer, x, w, argnums=(0, 1), options=None):
-    """(forward, forward + backward) callables of a JAX layer(x, w), blocking."""
+def jax_pair(layer, x, w, argnums=(0, 1)):
+    """(forward, forward + backward) callables of a JAX layer(x, w), blocking.
+
+    Compiled with the training step's XLA options (`xla_options`), as in the training step.
+    """
+    options = xla_options.train_step_options()
     forward = jax.jit(layer, compiler_options=options)
     grad = jax.jit(
         jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums), compiler_options=options
@@ -142,15 +146,14 @@ def main(argv=None) -> int:
             "torch Conv2d",
             torch_pair(module, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())),
         )
-    options = xla_options.train_step_options()
     for name, (side, channels) in BATCH_NORMS.items():
         x = rng.standard_normal((a.batch, side, side, channels)).astype(np.float32)
         xj, scale = jnp.asarray(x), jnp.ones((channels,), jnp.float32)
-        record(name, "jax batch_norm", jax_pair(_batch_norm_relu, xj, scale, options=options))
+        record(name, "jax batch_norm", jax_pair(_batch_norm_relu, xj, scale))
         record(
             name,
             "jax op by op",
-            jax_pair(_op_by_op_batch_norm_relu, xj, scale, options=options),
+            jax_pair(_op_by_op_batch_norm_relu, xj, scale),
         )
         module = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
         record(

@@ -6,7 +6,8 @@ initialised weights. One step compiles and warms up; the next is traced into `--
 (open it in TensorBoard's profile plugin or Perfetto), and the XLA operations of the trace are
 summed by kind (`dermseg_jax.profiling`): own seconds, calls and share of the step's wall time.
 On the CPU the worker threads run operations side by side, so the shares can add up to more
-than 100 %.
+than 100 %. XLA's own (Eigen) convolutions are asynchronous and the trace times only their
+launch: their time is in the wall time, not in the table (`dermseg_jax/profiling.py`).
 
 COMMAND:
     .venv/bin/python scripts/profile_step.py --size 128 --batch 12
@@ -55,6 +56,7 @@ def main() -> None:
     for kind, row in list(table.items())[: a.top]:
         share = 100 * row["seconds"] / wall
         print(f"{kind:40s} {row['seconds']:8.3f} {row['count']:6d} {share:7.1f}%")
+    print("not timed by the trace: XLA's own convolutions (asynchronous; only their launch)")
     print(f"trace: {a.trace_dir}")
     if a.out:
         with open(a.out, "w") as f:

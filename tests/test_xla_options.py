@@ -1,4 +1,6 @@
-"""The training step's CPU compiler options: accepted by XLA and smaller in memory."""
+"""The CPU compiler options of the training step: real, leaner, convolutions on XLA's own."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ def test_xla_rejects_what_it_does_not_know_so_the_options_are_real():
         f.lower(jnp.ones(3)).compile()
 
 
-def test_cpu_options_shrink_the_training_steps_temporary_memory():
+@pytest.fixture(scope="module")
+def narrow_step_inputs():
     config = thesis.get_config()
     with config.unlocked():
         config.model.width = 0.125
@@ -28,10 +31,37 @@ def test_cpu_options_shrink_the_training_steps_temporary_memory():
     mesh = sharding.make_mesh()
     state = trainer.create_train_state(config, jax.random.key(0), mesh, model)
     batch = sharding.shard_batch(benchmarking.make_batch(2, 96), mesh)
+    return config, state, batch
 
+
+def _compiled_step(inputs, options):
+    config, state, batch = inputs
+    step = benchmarking.jitted_train_step(config, donate=False, compiler_options=options)
+    return step.lower(state, batch).compile()
+
+
+def test_cpu_options_shrink_the_training_steps_temporary_memory(narrow_step_inputs):
     def temp_bytes(options):
-        step = benchmarking.jitted_train_step(config, donate=False, compiler_options=options)
-        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+        return _compiled_step(narrow_step_inputs, options).memory_analysis().temp_size_in_bytes
 
     default, tuned = temp_bytes({}), temp_bytes(xla_options.train_step_options("cpu"))
     assert tuned < 0.8 * default, (tuned, default)
+
+
+def _ynn_fusion_bodies(hlo: str) -> list[str]:
+    """The computations that YNNPACK fusions call, as text (HLO text: one block per computation)."""
+    called = set(re.findall(r"kind=kCustom, calls=%([\w.\-]+)", hlo))
+    heads = (re.match(r"%([\w.\-]+) ", block) for block in hlo.split("\n\n"))
+    return [h.string for h in heads if h and h.group(1) in called]
+
+
+def test_convolutions_run_on_xla_and_products_on_ynnpack(narrow_step_inputs):
+    hlo = _compiled_step(narrow_step_inputs, xla_options.train_step_options("cpu")).as_text()
+    ynn = _ynn_fusion_bodies(hlo)
+    assert any(" dot(" in b for b in ynn)
+    assert not any(" convolution(" in b for b in ynn)
+    assert " convolution(" in hlo
+    # The benchmark's comparison variant is the YNNPACK-convolution setting.
+    options = benchmarking.VARIANT_COMPILER_OPTIONS["jax_f32_ynn_conv"]
+    ynn = _ynn_fusion_bodies(_compiled_step(narrow_step_inputs, options).as_text())
+    assert any(" convolution(" in b for b in ynn)
