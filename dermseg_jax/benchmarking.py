@@ -123,24 +123,32 @@ def torch_optimizer(net: torch.nn.Module, config: ml_collections.ConfigDict):
 
 
 def create_train_state(config, variables: Mapping, mesh: jax.sharding.Mesh, seed: int = 0):
-    """A replicated `trainer.TrainState` holding `variables` and a fresh thesis optimizer."""
+    """A replicated `trainer.TrainState` holding `variables` and a fresh thesis optimizer.
+
+    Built by one jitted function straight onto the mesh, as `trainer.create_train_state` does:
+    run op by op, the optimizer's initialisation compiles one small program per parameter shape
+    and left ~80 MiB more RSS in the benchmark's memory worker (batch 2: 2558 against 2476 MiB).
+    """
     model = models.create_model(config.model)
     tx = optim.create_optimizer(
         config.optim,
         steps_per_epoch=int(config.train.steps_per_epoch),
         num_train_steps=int(config.train.num_train_steps),
     )
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    state = trainer.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
-        opt_state=tx.init(params),
-        rng=jax.random.key(seed),
-        apply_fn=model.apply,
-        tx=tx,
-    )
-    return jax.device_put(state, sharding.replicated_sharding(mesh))
+
+    def init(params, batch_stats):
+        return trainer.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            rng=jax.random.key(seed),
+            apply_fn=model.apply,
+            tx=tx,
+        )
+
+    init = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))
+    return init(variables["params"], variables["batch_stats"])
 
 
 def jitted_train_step(config, donate: bool = True, compiler_options=None) -> Callable:

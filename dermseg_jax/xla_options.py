@@ -18,7 +18,11 @@ against PyTorch's):
   130; VALID convolutions ~3x), and the training step at 128 px is 7-10 % faster for it
   (batch 8: 19.1 against 21.2 s, batch 24: 60.7 against 66.9 s, interleaved in one process,
   together with the transposed-convolution backward pass of `models/transposed_conv.py`,
-  which computes its input gradient with such convolutions).
+  which computes its input gradient with such convolutions). By default XLA puts every
+  convolution and reduction of the step in a YNNPACK fusion (324 fusions in the narrow step of
+  tests/test_xla_options.py); with this option none. No matrix product of the thesis step
+  qualifies at present (they are 1x1 convolutions written as dots and the transposed
+  convolutions' per-tap kernel gradients, which XLA keeps), so products too run on XLA's own.
 - `xla_cpu_parallel_codegen_split_count=1`: one LLVM module for the step instead of several
   compiled in parallel: the loaded program holds 123 instead of 249 MiB of RSS after
   compilation, and on 2 cores it compiles faster (14.0 against 18.1 s). The peak RSS of a step

@@ -7,7 +7,8 @@ the tables report medians. Before any timing an equivalence check compares both 
 the same weights and batch and stops the run (exit status 2) when they disagree.
 
 Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess so that the other
-variants' allocations do not count: the table shows the peak of one steady-state step (the
+variants' allocations do not count (both frameworks are imported there, and only the measured
+one's copy of the weights is kept): the table shows the peak of one steady-state step (the
 high-water mark is reset after the warm-up); the JSON also keeps the peak including compilation
 and the first step. Device memory on the GPU.
 Scaling: images/s versus global batch (the configurations) and, for JAX, versus emulated CPU
@@ -115,6 +116,10 @@ def memory_worker(a) -> dict:
     run, _ = make_step(
         a.variant, a.mode, net, variables, bm.make_batch(batch_size, size), a.width, a.device
     )
+    # The step holds its own copy of the weights (JAX: the train state or device variables;
+    # PyTorch: a deep copy of the module); the other framework's copy is not its memory.
+    del net, variables
+    gc.collect()
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start

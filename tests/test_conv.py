@@ -1,5 +1,5 @@
 """The fast convolution formulations equal XLA's textbook ones, values and gradients:
-`conv.conv2d` (per-tap GEMM kernel gradient, behind `layers.Conv`) against
+`conv.conv2d` (kernel gradient ordered before dx, behind `layers.Conv`) against
 `lax.conv_general_dilated`, and the 'subpixel' transposed convolution against
 `lax.conv_transpose`."""
 

@@ -55,11 +55,9 @@ def _ynn_fusion_bodies(hlo: str) -> list[str]:
     return [h.string for h in heads if h and h.group(1) in called]
 
 
-def test_convolutions_run_on_xla_and_products_on_ynnpack(narrow_step_inputs):
+def test_convolutions_run_on_xla_not_on_ynnpack(narrow_step_inputs):
     hlo = _compiled_step(narrow_step_inputs, xla_options.train_step_options("cpu")).as_text()
-    ynn = _ynn_fusion_bodies(hlo)
-    assert any(" dot(" in b for b in ynn)
-    assert not any(" convolution(" in b for b in ynn)
+    assert not any(" convolution(" in b for b in _ynn_fusion_bodies(hlo))
     assert " convolution(" in hlo
     # The benchmark's comparison variant is the YNNPACK-convolution setting.
     options = benchmarking.VARIANT_COMPILER_OPTIONS["jax_f32_ynn_conv"]

@@ -11,9 +11,9 @@ caller: the thesis' `output_padding` generalised to any (also negative) amount, 
 stage can be aligned to its skip connection at any input size. Its arithmetic lives in
 `transposed_conv.py` (a fast sub-pixel form by default, `lax.conv_transpose` on request).
 
-`Conv` is `flax.linen.Conv` (same parameter names, shapes and arithmetic) whose kernel gradient
-is computed by `conv.conv2d`: one GEMM per kernel tap instead of XLA:CPU's slow backward-filter
-convolution.
+`Conv` is `flax.linen.Conv` (same parameter names, shapes and arithmetic) backed by
+`conv.conv2d`, whose backward pass computes each kernel gradient together with the input
+gradient instead of leaving XLA:CPU's scheduler to defer it (less memory).
 """
 
 from typing import Any
