@@ -5,7 +5,7 @@ thunk executor records one event per executed operation (`ynn_fusion.61`,
 `dynamic-slice_bitcast_fusion.18`, ...) on the thread that ran it. `op_seconds` adds up each
 event's own time (its duration less that of the events nested in it on the same thread) and
 groups operations by kind: the name without its numeric suffix, so the 16 per-tap products of a
-transposed convolution's kernel-gradient loop count as one `dot` row. Python frames, the
+transposed convolution's kernel-gradient loop count as one `dot_general` row. Python frames, the
 executor's own waits and thread-pool bookkeeping are left out. `scripts/profile_step.py` prints
 the table for the thesis training step.
 
