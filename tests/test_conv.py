@@ -3,6 +3,11 @@
 `lax.conv_general_dilated`, and the 'subpixel' transposed convolution against
 `lax.conv_transpose`."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,7 @@ from dermseg_jax.models.layers import Conv
 from dermseg_jax.models.transposed_conv import conv_transpose
 
 DIMS = ("NHWC", "HWIO", "NHWC")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (kernel, stride, padding, dilation): the network's convolutions (3x3 same, stride-2 valid,
 # dilated ASPP, 1x1, 5x5) and a few that only the general formula covers.
@@ -124,3 +130,41 @@ def test_subpixel_transposed_convolution_equals_lax_conv_transpose(k, stride):
             strict=True,
         ):
             np.testing.assert_allclose(fast, ref, atol=1e-3, rtol=1e-5)
+
+
+def test_gradients_under_a_four_device_data_mesh_equal_the_single_device_ones():
+    # Per-shard backward passes (`conv.data_parallel_backward`) sum each kernel gradient once.
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from jax import lax
+        from dermseg_jax import sharding
+        from dermseg_jax.models.conv import conv2d
+        from dermseg_jax.models.transposed_conv import conv_transpose
+        DIMS = ("NHWC", "HWIO", "NHWC")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(4, 9, 9, 3)).astype(np.float32)
+        w = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+        wt = rng.normal(size=(4, 4, 5, 3)).astype(np.float32)
+        def ours(x, w, wt):
+            y = conv2d(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1))
+            return (conv_transpose(y[..., :3], wt, 2, (20, 20)) ** 2).sum()
+        def ref(x, w, wt):
+            y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMS)
+            return (conv_transpose(y[..., :3], wt, 2, (20, 20), "xla") ** 2).sum()
+        expected = jax.grad(ref, (0, 1, 2))(x, w, wt)
+        mesh = sharding.make_mesh()
+        assert jax.device_count() == 4
+        with jax.set_mesh(mesh):
+            xs = sharding.shard_batch({"x": x}, mesh)["x"]
+            got = jax.jit(jax.grad(ours, (0, 1, 2)))(xs, w, wt)
+        for name, a, b in zip(("x", "kernel", "transposed kernel"), got, expected):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-3, err_msg=name)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -102,6 +102,11 @@ def data_parallel_backward(local_backward, x, kernel, g):
         return local_backward(x, kernel, g)
 
     def shard_backward(x, kernel, g):
+        # The kernel is the same on every shard; marked as varying, its gradient here is this
+        # shard's own. Otherwise the transpose of the implicit broadcast inside
+        # `local_backward`'s autodiff would already sum it over the shards, and the psum below
+        # would count it once per shard.
+        kernel = lax.pcast(kernel, DATA_AXIS, to="varying")
         dx, dk = local_backward(x, kernel, g)
         return dx, lax.psum(dk, DATA_AXIS)
 
