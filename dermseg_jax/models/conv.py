@@ -7,7 +7,7 @@ memory-optimised scheduler defers the kernel gradients (small results needed onl
 optimizer update) until after the whole backward pass and keeps their activation-sized
 inputs alive meanwhile: XLA's temporaries for the thesis training step at 128x128, batch 24,
 are 3786 MiB with plain `lax.conv_general_dilated` and 2797 MiB with `conv2d` (batch 2: 457
-against 388; `scripts/profile_step.py` prints them).
+against 388; `jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`).
 
 Until XLA:CPU's own (Eigen) convolutions replaced YNNPACK's in `xla_options`, the kernel
 gradient here was one matrix product per kernel tap, because XLA's backward-filter convolution
