@@ -34,11 +34,12 @@ import flax.linen as nn
 import ml_collections
 from absl import app, flags, logging
 
-from dermseg_jax import labels, sharding
+from dermseg_jax import compilation_cache, labels, sharding
 
 
 def define_checkpoint_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines `--workdir` and `--checkpoint`, shared with `predict`."""
+    """Defines `--workdir`, `--checkpoint` and `--compilation_cache`, shared with `predict`."""
+    compilation_cache.define_flag(flag_values)
     flags.DEFINE_string(
         "workdir",
         None,
@@ -418,6 +419,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    compilation_cache.enable(flags.FLAGS.compilation_cache)
     run_evaluate(
         flags.FLAGS.workdir,
         checkpoint=flags.FLAGS.checkpoint,

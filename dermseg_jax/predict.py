@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, UnidentifiedImageError
 
-from dermseg_jax import evaluate, inference, labels
+from dermseg_jax import compilation_cache, evaluate, inference, labels
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -255,6 +255,7 @@ def run_predict(
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    compilation_cache.enable(flags.FLAGS.compilation_cache)
     result = run_predict(
         flags.FLAGS.workdir,
         flags.FLAGS.images,

@@ -9,6 +9,8 @@ resumes from its latest checkpoint. Overrides are locked: a misspelt field is an
 Multi-process: pass `--coordinator_address`, `--num_processes`, `--process_id` (or
 `--distributed` to let JAX detect a cluster); every process runs the same command.
 SIGTERM/SIGINT save a checkpoint and exit with 128 + signal number.
+Compiled programs go to JAX's persistent cache (`--compilation_cache`, see
+`dermseg_jax.compilation_cache`), so a resumed run does not compile its step again.
 """
 
 import os
@@ -17,6 +19,8 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dermseg_jax import compilation_cache
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
 
@@ -34,6 +38,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection."
 )
+compilation_cache.define_flag()
 
 
 def _initialize_distributed() -> None:
@@ -67,6 +72,7 @@ def main(argv: list[str]) -> None:
 
     tf.config.set_visible_devices([], "GPU")
     _initialize_distributed()
+    cache = compilation_cache.enable(flags.FLAGS.compilation_cache)
 
     import jax
 
@@ -79,12 +85,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("multi-process training needs an explicit shared --workdir")
     workdir = _WORKDIR.value or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     logging.info(
-        "JAX %s: %d process(es), %d device(s) %s; workdir %s",
+        "JAX %s: %d process(es), %d device(s) %s; workdir %s; compilation cache %s",
         jax.__version__,
         jax.process_count(),
         jax.device_count(),
         jax.devices()[0].platform,
         os.path.abspath(workdir),
+        cache or "off",
     )
     try:
         _, result = trainer.train_and_evaluate(_CONFIG.value, workdir)

@@ -10,7 +10,11 @@ Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess so 
 variants' allocations do not count (both frameworks are imported there, and only the measured
 one's copy of the weights is kept): the table shows the peak of one steady-state step (the
 high-water mark is reset after the warm-up); the JSON also keeps the peak including compilation
-and the first step. Device memory on the GPU.
+and the first step. JAX's step is measured twice: compiled in that process ('step MiB'), and
+loaded from the persistent compilation cache that this run's timing filled ('cached MiB'), as
+every later run of the same program loads it (`dermseg_jax.compilation_cache`; XLA keeps less
+memory with a loaded program than with one it has just compiled). The timing itself always
+compiles: the run uses a fresh, temporary cache. Device memory on the GPU.
 Scaling: images/s versus global batch (the configurations) and, for JAX, versus emulated CPU
 devices (`--xla_force_host_platform_device_count`, subprocesses); the tf.data input pipeline's
 images/s at the same crop and batch (subprocess: this process never imports TensorFlow).
@@ -32,14 +36,17 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch  # noqa: F401  (torchvision before TensorFlow; here: before JAX's plugins)
 
 from dermseg_jax import benchmarking as bm
+from dermseg_jax import compilation_cache
 
 GPU_PLAN = {128: (8, 24, 64), 256: (8, 24), 512: (4, 8)}
 CPU_PLAN = {128: (2,), 256: (1,)}
@@ -72,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("memory", "devices", "input"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--compilation-cache", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -108,8 +116,16 @@ def memory_worker(a) -> dict:
     Peak RSS is read twice: after the warm-up (`first_step_peak_rss_bytes`, compilation and
     first-step allocations included) and, with freed heap returned to the OS and the high-water
     mark reset in between, over the second step alone (`step_peak_rss_bytes`: the steady-state
-    memory of training).
+    memory of training). `--compilation-cache`: the persistent cache to load the JAX program
+    from ('' = none: compile it here); `compilation_cache_hits` counts the programs loaded.
     """
+    import jax
+
+    compilation_cache.enable(a.compilation_cache)
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None
+    )
     baseline = bm.peak_rss_bytes()
     size, batch_size = a.size[0], a.batch[0]
     net, variables = bm.build_pair(a.width)
@@ -140,6 +156,7 @@ def memory_worker(a) -> dict:
         "rss_after_imports_bytes": baseline,
         "device_peak_bytes": bm.device_peak_memory(framework) if a.device == "gpu" else None,
         "first_step_s": first,
+        "compilation_cache_hits": len(hits),
     }
 
 
@@ -266,6 +283,9 @@ def run_configuration(a, size, batch_size, net, variables, variants, machine) ->
                     a.device,
                 ]
                 row.update({f"isolated_{k}": v for k, v in _subprocess_json(args).items()})
+                if row["framework"] == "jax" and a.compilation_cache:
+                    cached = _subprocess_json([*args, "--compilation-cache", a.compilation_cache])
+                    row.update({f"isolated_cached_{k}": v for k, v in cached.items()})
             rows.append(row)
         del runs, jitted
         gc.collect()
@@ -280,7 +300,10 @@ def print_table(result: dict) -> None:
         f"{result['settings']['width']}, load {m['load_average']}"
     )
     header = f"{'size':>5} {'batch':>5} {'mode':>5} {'variant':<20} {'img/s':>9} {'step s':>8} "
-    print(header + f"{'first s':>8} {'step MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'vs torch_f32':>12}")
+    print(
+        header + f"{'first s':>8} {'step MiB':>9} {'cached MiB':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'vs torch_f32':>12}"
+    )
     ref = {
         (r["size"], r["batch"], r["mode"]): r["images_per_s"]
         for r in result["results"]
@@ -292,10 +315,15 @@ def print_table(result: dict) -> None:
         base = ref.get((r["size"], r["batch"], r["mode"]))
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        cached = r.get("isolated_cached_step_peak_rss_bytes")
+        if cached and not r.get("isolated_cached_compilation_cache_hits"):
+            cached = None  # not loaded from the cache after all: not what the column means
+        cached = f"{cached / 2**20:.0f}" if cached else "-"
         print(
             f"{r['size']:>5} {r['batch']:>5} {r['mode']:>5} {r['variant']:<20} "
             f"{r['images_per_s']:>9.3f} {r['step_s_median']:>8.3f} {r['first_step_s']:>8.1f} "
-            f"{(mem or 0) / 2**20:>9.0f} {r['achieved_tflops']:>8.3f} {mfu:>6} {ratio:>12}"
+            f"{(mem or 0) / 2**20:>9.0f} {cached:>10} {r['achieved_tflops']:>8.3f} {mfu:>6} "
+            f"{ratio:>12}"
         )
     for r in result.get("devices_scaling", []):
         print(
@@ -306,9 +334,10 @@ def print_table(result: dict) -> None:
         print(f"input pipeline: {result['input_pipeline']}")
     print(
         "step MiB: peak host RSS of one steady-state step in an isolated process (GPU: device "
-        "memory); first s: warm-up step, compilation included; TFLOP/s: model FLOPs (3x forward "
-        "for training) per second; MFU: that over the device's peak (GPU data sheet or "
-        "--peak-tflops)"
+        "memory); cached MiB: the same with JAX's program loaded from the persistent "
+        "compilation cache, as on every run after the first; first s: warm-up step, "
+        "compilation included; TFLOP/s: model FLOPs (3x forward for training) per second; MFU: "
+        "that over the device's peak (GPU data sheet or --peak-tflops)"
     )
     for note in result["settings"]["notes"]:
         print("note:", note)
@@ -322,6 +351,18 @@ def main(argv=None) -> int:
         worker = {"memory": memory_worker, "devices": devices_worker, "input": input_worker}
         print(json.dumps(worker[a.worker](a)))
         return 0
+    # A fresh cache: every timed warm-up compiles; the memory workers then load from it.
+    a.compilation_cache = compilation_cache.enable(
+        tempfile.mkdtemp(prefix="dermseg_jax_bench_"), min_compile_time_s=0
+    )
+    try:
+        return _benchmark(a)
+    finally:
+        shutil.rmtree(a.compilation_cache, ignore_errors=True)
+
+
+def _benchmark(a) -> int:
+    gpu = a.device == "gpu"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device gpu: torch sees no CUDA device.")
     plan = GPU_PLAN if gpu else CPU_PLAN

@@ -115,11 +115,13 @@ def test_predict_cli_scores_like_evaluate(eval_fixture, run_dir, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, "-m", "dermseg_jax.predict", f"--workdir={run_dir}",
-         f"--images={eval_fixture.val_images}", f"--out={out}", f"--config={config_path}"],
+         f"--images={eval_fixture.val_images}", f"--out={out}", f"--config={config_path}",
+         f"--compilation_cache={tmp_path / 'jax_cache'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "0 skipped" in proc.stdout
+    assert os.listdir(tmp_path / "jax_cache")  # the flag reached JAX
     official = task2.score(eval_fixture.val_truth, out)
     assert official["overall"] == pytest.approx(results["isic2018/overall"], abs=1e-9)
     for name in labels.STRUCTURE_NAMES:
