@@ -103,27 +103,40 @@ def _merge_pretrained(target: Any, loaded: Any, source: str) -> tuple[Any, int]:
     return merged, used
 
 
-def _make_init_fn(config: ml_collections.ConfigDict, model: Any) -> Callable:
-    tx = optim.create_optimizer(
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The run's optimizer: `optim.create_optimizer` with the config's schedule lengths."""
+    return optim.create_optimizer(
         config.optim,
         steps_per_epoch=int(config.train.steps_per_epoch),
         num_train_steps=int(config.train.num_train_steps),
     )
+
+
+def initial_train_state(
+    variables: Mapping[str, Any], rng: jax.Array, model: Any, tx: optax.GradientTransformation
+) -> TrainState:
+    """A step-0 `TrainState` of `variables` (params, optional batch_stats) with a fresh `tx`
+    state (pure: build it inside a jitted function, with the shardings as its output's)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(variables["params"]),
+        rng=rng,
+        apply_fn=model.apply,
+        tx=tx,
+    )
+
+
+def _make_init_fn(config: ml_collections.ConfigDict, model: Any) -> Callable:
+    tx = create_optimizer(config)
     size = int(config.data.crop_size)
 
     def init_fn(rng):
         rng_params, rng_dropout, rng_train = jax.random.split(rng, 3)
         dummy = jnp.zeros((1, size, size, 3), jnp.float32)
         variables = model.init({"params": rng_params, "dropout": rng_dropout}, dummy, train=False)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(variables["params"]),
-            rng=rng_train,
-            apply_fn=model.apply,
-            tx=tx,
-        )
+        return initial_train_state(variables, rng_train, model, tx)
 
     return init_fn
 
