@@ -25,7 +25,9 @@ against PyTorch's):
   convolutions' per-tap kernel gradients, which XLA keeps), so products too run on XLA's own.
 - `xla_cpu_parallel_codegen_split_count=1`: one LLVM module for the step instead of several
   compiled in parallel: the loaded program holds 123 instead of 249 MiB of RSS after
-  compilation, and on 2 cores it compiles faster (14.0 against 18.1 s). The peak RSS of a step
+  compilation, and on 2 cores it compiles faster (14.0 against 18.1 s) (128 px, when the option
+  was chosen; today's step at 256 px holds ~210 MiB after compiling with it, ~60 MiB when
+  loaded from the persistent compilation cache: `compilation_cache.py`). The peak RSS of a step
   did not move with it (benchmark, batch 2: 2672 against 2675 MiB): the step's own allocations
   reuse the freed memory.
 
