@@ -15,35 +15,27 @@ from dermseg_jax.models import create_model
 __all__ = ["CLASS_NAMES", "STRUCTURE_NAMES", "create_model", "load_checkpoint"]
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Loads a model for inference.
+def load_checkpoint(
+    path: str | os.PathLike, checkpoint: str | int = "best"
+) -> tuple[nn.Module, dict]:
+    """Loads a model for inference (`dermseg_jax.loading.load_run`).
 
     Args:
         path: a model directory (`model_config.json` + `variables/`, written by
             `checkpointing.save_model`, e.g. by `python -m dermseg_jax.convert`), or a training
-            workdir (`config.json` + `checkpoints/`: its best checkpoint, else the latest).
+            workdir (`config.json` + `checkpoints/`).
+        checkpoint: for a training workdir: 'best' (the latest when no checkpoint was
+            evaluated), 'latest' or a step number; a damaged best/latest falls back to the
+            newest readable checkpoint.
 
     Returns:
-        (model, variables): the `InceptionUNet` and its {'params', 'batch_stats'}.
+        (model, variables): the `InceptionUNet` and its {'params', 'batch_stats'}, checked
+        against the stored model config.
 
     Raises:
-        FileNotFoundError: if `path` is not a model directory.
-        ValueError: if it holds encoder weights only (use them as a training `init_from`).
+        dermseg_jax.errors.UserError: if `path` is neither kind of directory, holds encoder
+            weights only, or its checkpoint is missing, damaged or does not fit its config.
     """
-    from dermseg_jax import checkpointing
+    from dermseg_jax import loading
 
-    if checkpointing.is_model_dir(path):
-        model_cfg, variables = checkpointing.load_model(path)
-        if model_cfg.get("encoder_only", False):
-            raise ValueError(
-                f"{path} holds encoder weights only (converted from torchvision); use it as a "
-                "training init_from, not for inference."
-            )
-        return create_model(model_cfg), variables
-    if checkpointing.is_training_workdir(path):
-        model_cfg, variables = checkpointing.load_training_variables(path, which="best")
-        return create_model(model_cfg), variables
-    raise FileNotFoundError(
-        f"{path} is neither a model directory (model_config.json + variables/) nor a training "
-        "workdir (config.json + checkpoints/)."
-    )
+    return loading.load_model(path, checkpoint=checkpoint)

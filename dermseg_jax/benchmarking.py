@@ -1,27 +1,19 @@
 """Benchmark core: the Flax network against the PyTorch baseline, same weights, same batch.
 
-`build_pair` makes the PyTorch thesis network (`torch_baseline`) with random weights and
-BatchNorm statistics and converts its state dict to Flax variables (`convert_torch`), so both
-frameworks run the same numbers. `check_equivalence` compares them on one batch (inference
-logits, training-mode loss and the loss after one Adam step) and raises
-`EquivalenceError` when they disagree. `jax_train_step_fn` / `torch_train_step_fn` (and the
-inference counterparts) return zero-argument callables that run one blocking step; the training
-step is the thesis': forward with batch statistics and channel dropout, thesis focal loss with
-the thesis class weights, backward, Adam (weight decay 1e-6; l3 lr 1e-5, ASPP and decoder
-1e-3; l1 and l2 frozen). The JAX side is the project's own `trainer.train_step`, jitted once
-with the state donated; on the PyTorch side l1/l2 get `requires_grad=False`, so neither
-framework computes gradients that are thrown away. `time_interleaved` runs the variants in turn
-(A B A B ...) so that a load change on a shared machine hits all of them alike.
-
-This module imports torch (and torchvision via `torch_baseline`) and never TensorFlow.
+Why: speed claims against the thesis' PyTorch code are only fair on the same numbers.
+`build_pair` makes the PyTorch thesis network with random weights and BatchNorm statistics and
+its Flax conversion; `check_equivalence` compares both on one batch (logits, training loss, loss
+after one Adam step). The `*_step_fn`s return callables that run one blocking step of the
+thesis' training (batch statistics, dropout, thesis focal loss, Adam with l1/l2 frozen; JAX: the
+trainer's own `train_step`, jitted once, state donated) or inference; `time_interleaved` runs
+variants in turn (A B A B ...) so load changes on a shared machine hit all alike.
+On a GPU both sides get their fast settings: PyTorch channels_last with `cudnn.benchmark`, JAX
+both kernel sets (`config.model.kernels`) in float32 and bfloat16. The thesis config is an
+argument (scripts build it from `dermseg_jax/configs/thesis.py`). Imports torch, never TensorFlow.
 """
 
 import copy
-import ctypes
 import functools
-import os
-import platform
-import resource
 import time
 from collections.abc import Callable, Mapping
 
@@ -31,39 +23,47 @@ import ml_collections
 import numpy as np
 import torch
 
-from configs import thesis
 from dermseg_jax import losses, models, optim, sharding, trainer, xla_options
 from dermseg_jax.models import convert_torch
 from dermseg_jax.models.torch_baseline import InceptionUNetTorch
 
-# Trainable thesis groups and their learning rates (configs/thesis.py; l1, l2 frozen).
+# Trainable thesis groups and their learning rates (dermseg_jax/configs/thesis.py; l1, l2 frozen).
 TORCH_GROUP_PREFIXES = {"l3": ("l3.",), "aspp": ("a",), "decoder": ("l5.", "l6.", "l7.")}
-JAX_VARIANTS = ("jax_f32", "jax_bf16", "jax_f32_xla_deconv", "jax_f32_ynn_conv")
-TORCH_VARIANTS = ("torch_f32", "torch_amp_bf16", "torch_compile_f32")
+# JAX: compute dtype x `model.kernels` (no suffix: 'auto', the platform's choice).
+JAX_VARIANTS = tuple(
+    f"jax_{dtype}{suffix}" for suffix in ("", "_xla", "_cpu_tuned") for dtype in ("f32", "bf16")
+)
+TORCH_VARIANTS = ("torch_f32", "torch_amp_bf16", "torch_compile_f32", "torch_compile_amp_bf16")
 VARIANTS = JAX_VARIANTS + TORCH_VARIANTS
-# Variants compiled with other XLA options than the step's own (CPU): 'jax_f32_ynn_conv' runs
-# the convolutions on YNNPACK, the CPU setting before XLA's own convolutions were chosen.
-VARIANT_COMPILER_OPTIONS = {
-    "jax_f32_ynn_conv": {
-        **xla_options.CPU_TRAIN_OPTIONS,
-        "xla_cpu_experimental_ynn_fusion_type": (
-            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-        ),
-    },
-}
+
+
+def variant_settings(variant: str) -> dict:
+    """What a variant name means: framework, compute dtype, JAX kernels, PyTorch AMP/compile."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    kernels = next((k for k in ("xla", "cpu_tuned") if variant.endswith(f"_{k}")), "auto")
+    return {
+        "framework": variant.split("_")[0],
+        "dtype": "bfloat16" if "bf16" in variant else "float32",
+        "kernels": kernels if variant.startswith("jax") else None,
+        "amp": "amp_bf16" in variant,
+        "compiled": "compile" in variant,
+    }
 
 
 class EquivalenceError(AssertionError):
     """The two frameworks disagree on the same weights and batch."""
 
 
-def training_config(width: float, dtype: str = "float32", deconv_impl: str = "subpixel"):
-    """The thesis training config (`configs/thesis.py`) at a given width and compute dtype."""
-    config = thesis.get_config()
+def training_config(
+    base: ml_collections.ConfigDict, width: float, dtype: str = "float32", kernels: str = "auto"
+) -> ml_collections.ConfigDict:
+    """A copy of the thesis training config `base` at a width, compute dtype and kernel set."""
+    config = copy.deepcopy(base)
     with config.unlocked():
         config.model.width = float(width)
         config.model.dtype = dtype
-        config.model.deconv_impl = deconv_impl
+        config.model.kernels = kernels
     return config
 
 
@@ -122,7 +122,7 @@ def torch_optimizer(net: torch.nn.Module, config: ml_collections.ConfigDict):
     return torch.optim.Adam(groups, weight_decay=float(config.optim.weight_decay))
 
 
-def create_train_state(config, variables: Mapping, mesh: jax.sharding.Mesh, seed: int = 0):
+def replicated_train_state(config, variables: Mapping, mesh: jax.sharding.Mesh, seed: int = 0):
     """A replicated `trainer.TrainState` holding `variables` and a fresh thesis optimizer.
 
     Built by one jitted function straight onto the mesh, as `trainer.create_train_state` does:
@@ -130,7 +130,7 @@ def create_train_state(config, variables: Mapping, mesh: jax.sharding.Mesh, seed
     and left ~80 MiB more RSS in the benchmark's memory worker (batch 2: 2558 against 2476 MiB).
     """
     model = models.create_model(config.model)
-    tx = trainer.create_optimizer(config)
+    tx = trainer.run_optimizer(config)
 
     def init(variables):
         return trainer.initial_train_state(variables, jax.random.key(seed), model, tx)
@@ -150,62 +150,58 @@ def jitted_train_step(config, donate: bool = True, compiler_options=None) -> Cal
         class_weights=jnp.asarray(losses.THESIS_CLASS_WEIGHTS, jnp.float32),
         frozen_groups=optim.frozen_groups(config.optim),
     )
-    return jax.jit(
-        step,
-        donate_argnums=0 if donate else (),
-        compiler_options=(
-            xla_options.train_step_options() if compiler_options is None else compiler_options
-        ),
-    )
+    if compiler_options is None:
+        compiler_options = xla_options.train_step_options()
+    return jax.jit(step, donate_argnums=0 if donate else (), compiler_options=compiler_options)
 
 
-def jax_train_step_fn(
-    config, variables: Mapping, batch: Mapping, mesh=None, compiler_options=None
-) -> Callable:
-    """Returns run() -> loss (float) doing one blocking JAX training step; `.jitted` is the fn.
-
-    `compiler_options`: as `jitted_train_step`'s (default: the training step's own).
-    """
+def jax_train_step_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> Callable:
+    """Returns run() -> loss (float) doing one blocking JAX training step; `.jitted` is the
+    jitted step and `.args()` its current (state, batch) arguments."""
     mesh = sharding.make_mesh() if mesh is None else mesh
-    holder = {"state": create_train_state(config, variables, mesh)}
+    holder = {"state": replicated_train_state(config, variables, mesh)}
     device_batch = sharding.shard_batch(batch, mesh)
-    step = jitted_train_step(config, compiler_options=compiler_options)
+    step = jitted_train_step(config)
 
     def run() -> float:
         holder["state"], metrics = step(holder["state"], device_batch)
         return float(metrics["loss"])  # blocks until the step is done
 
     run.jitted = step
+    run.args = lambda: (holder["state"], device_batch)
     return run
 
 
-def jax_infer_fn(
-    config, variables: Mapping, batch: Mapping, mesh=None, compiler_options=None
-) -> Callable:
-    """Returns run() doing one blocking JAX inference (running statistics) on the batch.
-
-    `compiler_options`: XLA options of the jitted forward pass (default: none).
-    """
+def jax_infer_fn(config, variables: Mapping, batch: Mapping, mesh=None) -> Callable:
+    """Returns run() doing one blocking JAX inference (running statistics) on the batch."""
     mesh = sharding.make_mesh() if mesh is None else mesh
     model = models.create_model(config.model)
     device_vars = jax.device_put(variables, sharding.replicated_sharding(mesh))
     image = sharding.shard_batch({"image": batch["image"]}, mesh)["image"]
-    apply = jax.jit(functools.partial(model.apply, train=False), compiler_options=compiler_options)
+    apply = jax.jit(functools.partial(model.apply, train=False))
 
     def run() -> None:
         apply(device_vars, image).block_until_ready()
 
     run.jitted = apply
+    run.args = lambda: (device_vars, image)
     return run
 
 
-def _torch_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "gpu" else "cpu")
+def _torch_on_device(net: torch.nn.Module, image: np.ndarray, device: str):
+    """A copy of `net` and the NCHW image on the device; on a GPU channels_last + cudnn.benchmark.
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    PyTorch's fast GPU settings for convolutions: NHWC memory (tensor-core kernels without
+    layout transposes) and cuDNN's per-shape algorithm search. Recorded by the scripts.
+    """
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    net = copy.deepcopy(net).to(dev)
+    x = torch.from_numpy(image).permute(0, 3, 1, 2).to(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        net = net.to(memory_format=torch.channels_last)
+        return net, x.contiguous(memory_format=torch.channels_last), dev
+    return net, x.contiguous(), dev
 
 
 def torch_train_step_fn(
@@ -215,11 +211,10 @@ def torch_train_step_fn(
 
     The copy trains in place and is `run.module`; `net` itself is left unchanged.
     """
-    dev = _torch_device(device)
-    net = copy.deepcopy(net).to(dev).train()
+    net, x, dev = _torch_on_device(net, batch["image"], device)
+    net.train()
     opt = torch_optimizer(net, config)
     forward = torch.compile(net) if compiled else net
-    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
     y = torch.from_numpy(batch["label"]).long().to(dev)
 
     def run() -> float:
@@ -239,15 +234,15 @@ def torch_infer_fn(
     net: torch.nn.Module, batch: Mapping, device: str, *, amp=False, compiled=False
 ) -> Callable:
     """Returns run() doing one blocking PyTorch inference (eval mode, no_grad)."""
-    dev = _torch_device(device)
-    net = copy.deepcopy(net).to(dev).eval()
+    net, x, dev = _torch_on_device(net, batch["image"], device)
+    net.eval()
     forward = torch.compile(net) if compiled else net
-    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
 
     def run() -> None:
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             forward(x)
-        _synchronize(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     return run
 
@@ -267,13 +262,17 @@ def check_equivalence(
     net: torch.nn.Module,
     variables: Mapping,
     batch: Mapping,
+    base_config: ml_collections.ConfigDict,
     *,
+    device: str = "cpu",
+    kernels: str = "auto",
     logits_rtol: float = 1e-3,
     loss_rtol: float = 1e-3,
 ) -> dict[str, float]:
     """Checks that the Flax network and the PyTorch baseline compute the same thing.
 
-    Float32 on the CPU, dropout off (no common random stream). Compared: inference logits
+    Float32, dropout off (no common random stream); PyTorch on `device`, JAX on its default
+    backend (on a GPU, turn TF32 off in both first for a tight tolerance). Compared: inference logits
     (running statistics), the training-mode loss (batch statistics) and the loss after one
     Adam step of the thesis optimizer on the same batch (which checks gradients and update).
 
@@ -281,6 +280,9 @@ def check_equivalence(
         net: the PyTorch baseline (not modified; a copy is used).
         variables: its Flax conversion {'params', 'batch_stats'}.
         batch: `image` [B, H, W, 3], `label` [B, H, W].
+        base_config: the thesis training config (`dermseg_jax/configs/thesis.py`).
+        device: 'cpu' | 'gpu', where PyTorch runs.
+        kernels: JAX's `model.kernels`.
         logits_rtol: max |difference| / max |logit| allowed.
         loss_rtol: relative loss difference allowed (before and after the step).
 
@@ -292,18 +294,17 @@ def check_equivalence(
         EquivalenceError: naming the quantity that differs and by how much.
     """
     width = float(net.l5[0].out_channels / 800)
-    config = training_config(width)
+    config = training_config(base_config, width, kernels=kernels)
     with config.unlocked():
         config.model.dropout_rate = 0.0
     model = models.create_model(config.model)
-    net = copy.deepcopy(net).cpu()
-    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(batch["label"]).long()
+    net, x, dev = _torch_on_device(net, batch["image"], device)
+    y = torch.from_numpy(batch["label"]).long().to(dev)
     out = {}
 
     net.eval()
     with torch.no_grad():
-        torch_logits = net(x).permute(0, 2, 3, 1).numpy()
+        torch_logits = net(x).permute(0, 2, 3, 1).float().cpu().numpy()
     apply = jax.jit(functools.partial(model.apply, train=False))
     jax_logits = np.asarray(apply(variables, batch["image"]))
     out["logits_rel_diff"] = _relative(jax_logits, torch_logits)
@@ -323,7 +324,7 @@ def check_equivalence(
     out["loss_torch"] = float(loss.detach())
 
     mesh = sharding.make_mesh()
-    state = create_train_state(config, variables, mesh)
+    state = replicated_train_state(config, variables, mesh)
     step = jitted_train_step(config, donate=False)
     state, metrics = step(state, sharding.shard_batch(batch, mesh))
     out["loss_jax"] = float(metrics["loss"])
@@ -360,32 +361,6 @@ def time_interleaved(
     return samples
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes.
-
-    Linux's VmHWM (reset by exec); `ru_maxrss` is not used because a child started with
-    fork + exec inherits its parent's value as a floor.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            line = next(ln for ln in f if ln.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# Dense peak TFLOP/s by (device name fragment, compute dtype), from the vendors' data sheets
-# (SXM parts, no sparsity); `scripts/benchmark.py --peak-tflops` overrides.
-PEAK_TFLOPS = {
-    ("H200", "bfloat16"): 989.0,
-    ("H200", "float32"): 67.0,
-    ("H100", "bfloat16"): 989.0,
-    ("H100", "float32"): 67.0,
-    ("A100", "bfloat16"): 312.0,
-    ("A100", "float32"): 19.5,
-}
-
-
 def forward_flops(net: torch.nn.Module, size: int) -> float:
     """Multiply-add FLOPs (2 per MAC) of one size x size image through the network's convolutions.
 
@@ -420,73 +395,3 @@ def forward_flops(net: torch.nn.Module, size: int) -> float:
         for h in handles:
             h.remove()
     return 2.0 * float(sum(macs))
-
-
-def peak_tflops(device_name: str, dtype: str) -> float | None:
-    """The data-sheet peak of a known accelerator for a compute dtype, else None."""
-    for (fragment, kind), value in PEAK_TFLOPS.items():
-        if fragment in device_name and kind == dtype:
-            return value
-    return None
-
-
-def release_free_heap() -> None:
-    """Returns freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Compilation (XLA) and model building free much more memory than they keep; glibc holds the
-    freed pages in the process, where they would count as the next step's memory.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak RSS (VmHWM) to its current RSS; False where unsupported.
-
-    Linux >= 4.0: writing 5 to /proc/self/clear_refs. Lets a step's own peak be told apart from
-    the (larger, one-off) peak of compiling it.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def device_peak_memory(framework: str) -> int | None:
-    """Peak accelerator memory of a framework in this process (None on the CPU)."""
-    if framework == "torch":
-        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
-def machine_description(device: str) -> dict:
-    """CPU model, core count, library versions, devices and XLA flags."""
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(ln.split(":", 1)[1].strip() for ln in f if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
-    jax_device = jax.devices()[0]
-    info = {
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": __import__("flax").__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "jax_devices": f"{jax.device_count()} x {jax_device.device_kind}",
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    if device == "gpu" and torch.cuda.is_available():
-        info["torch_device"] = torch.cuda.get_device_name(0)
-    return info

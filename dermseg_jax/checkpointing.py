@@ -16,14 +16,18 @@ a resumed run continues exactly.
 
 import json
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from dermseg_jax import checkpoint_errors as errors
+from dermseg_jax.errors import UserError
 from dermseg_jax.models import abstract_variables
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -85,25 +89,24 @@ def load_model_config(directory: str | os.PathLike) -> ml_collections.ConfigDict
     """Reads DIR/model_config.json (aspp_rates as a tuple).
 
     Raises:
-        FileNotFoundError: if the directory or its model_config.json does not exist.
-        ValueError: if the file is not a JSON object.
+        UserError: if the directory or its model_config.json is missing or not a JSON object.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such model directory.")
+        raise UserError(f"{directory}: no such model directory")
     path = os.path.join(directory, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{directory} is not a model directory: {MODEL_CONFIG_FILE} is missing (a model "
-            f"directory holds {MODEL_CONFIG_FILE} and {VARIABLES_DIR}/)."
+            f"directory holds {MODEL_CONFIG_FILE} and {VARIABLES_DIR}/)"
         )
     try:
         with open(path) as f:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise UserError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}.")
+        raise UserError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
     if "aspp_rates" in cfg:
         cfg["aspp_rates"] = tuple(cfg["aspp_rates"])
     return ml_collections.ConfigDict(cfg)
@@ -121,16 +124,14 @@ def load_model(directory: str | os.PathLike) -> tuple[ml_collections.ConfigDict,
         {'params': {'encoder': ...}, 'batch_stats': {'encoder': ...}}.
 
     Raises:
-        FileNotFoundError: for a missing directory, config or variables checkpoint.
-        ValueError: if the stored variables do not fit the config.
+        UserError: for a missing directory, config or variables checkpoint, or stored
+            variables that do not fit the config.
     """
     directory = os.path.abspath(os.fspath(directory))
     cfg = load_model_config(directory)
     variables_path = os.path.join(directory, VARIABLES_DIR)
     if not os.path.isdir(variables_path):
-        raise FileNotFoundError(
-            f"{directory}: the variables checkpoint {VARIABLES_DIR}/ is missing."
-        )
+        raise UserError(f"{directory}: the variables checkpoint {VARIABLES_DIR}/ is missing")
     abstract = abstract_variables(cfg, encoder_only=bool(cfg.get("encoder_only", False)))
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
@@ -140,7 +141,7 @@ def load_model(directory: str | os.PathLike) -> tuple[ml_collections.ConfigDict,
     try:
         variables = checkpointer.restore(variables_path, target)
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(
+        raise UserError(
             f"{variables_path} does not fit {MODEL_CONFIG_FILE} ({dict(cfg)}): {e}"
         ) from e
     finally:
@@ -202,6 +203,19 @@ def create_checkpoint_manager(
     return ocp.CheckpointManager(directory, options=options)
 
 
+def open_run_checkpoints(
+    workdir: str | os.PathLike, config: ml_collections.ConfigDict
+) -> ocp.CheckpointManager:
+    """A read-only manager of a finished or running training run, ranked by its best metric."""
+    ckpt = config.get("checkpoint", None) or {}
+    return create_checkpoint_manager(
+        workdir,
+        best_metric=ckpt.get("best_metric", "jaccard/mean"),
+        best_mode=ckpt.get("best_mode", "max"),
+        read_only=True,
+    )
+
+
 def save_train_state(
     manager: ocp.CheckpointManager,
     step: int,
@@ -219,15 +233,37 @@ def save_train_state(
 
     Returns:
         True if a save was started.
+
+    Raises:
+        SaveFailed: if the save fails (full disk, say), naming the step.
     """
     if step in manager.all_steps():
         return False
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return manager.save(step, args=ocp.args.StandardSave(dict(state)), metrics=metrics, force=True)
+    # The save finishes in the background: `wait_for_saves` names this step if it fails.
+    _SAVING[manager] = step
+    try:
+        return manager.save(
+            step, args=ocp.args.StandardSave(dict(state)), metrics=metrics, force=True
+        )
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise errors.SaveFailed(_step_dir(manager, step), step, e) from e
+
+
+_SAVING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+    """Waits for the asynchronous saves; a failed one raises `SaveFailed` naming its step."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        step = _SAVING.get(manager)
+        raise errors.SaveFailed(_step_dir(manager, step), step, e) from e
 
 
 def restore_train_state(
-    manager: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step: int | None = None
+    manager: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step: int
 ) -> dict:
     """Restores a training state pytree onto the shardings of `abstract_state`.
 
@@ -235,15 +271,85 @@ def restore_train_state(
         manager: from `create_checkpoint_manager`.
         abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with `sharding` set
             (from `jax.eval_shape`).
-        step: step to restore; None = the latest.
+        step: the step to restore.
 
     Returns:
         The restored pytree, same structure as `abstract_state`.
+
+    Raises:
+        ConfigMismatch: if the checkpoint does not fit `abstract_state` (another width, say).
+        CheckpointDamaged: if the checkpoint cannot be read.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{manager.directory}: no checkpoint to restore")
-    return manager.restore(step, args=ocp.args.StandardRestore(dict(abstract_state)))
+    check_fits(manager, step, abstract_state)
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(dict(abstract_state)))
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise _damaged(manager, step, e) from e
+
+
+def restore_variables(
+    manager: ocp.CheckpointManager, step: int, abstract_variables: Mapping[str, Any]
+) -> dict:
+    """Restores only {'params', 'batch_stats'} of a training checkpoint (for inference).
+
+    Args:
+        manager: from `create_checkpoint_manager` (read-only is enough).
+        step: the step to restore.
+        abstract_variables: `models.abstract_variables(model_cfg)` of the run's model config.
+
+    Returns:
+        {'params', 'batch_stats'} as jax arrays on the first local device.
+
+    Raises:
+        ConfigMismatch: if the stored arrays do not fit `abstract_variables`.
+        CheckpointDamaged: if the checkpoint cannot be read.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        col: jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            abstract_variables[col],
+        )
+        for col in ("params", "batch_stats")
+    }
+    check_fits(manager, step, target)
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    try:
+        return manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise _damaged(manager, step, e) from e
+
+
+def check_fits(manager: ocp.CheckpointManager, step: int, abstract: Mapping[str, Any]) -> None:
+    """Checks, from the checkpoint's metadata only, that its arrays fit `abstract`.
+
+    `params` and `batch_stats` must match path by path; other entries (optimizer state) by
+    their multiset of shapes, since optax's tuples are stored as lists.
+
+    Raises:
+        ConfigMismatch: naming the first differing array.
+        CheckpointDamaged: if the metadata cannot be read.
+    """
+    item_dir = epath.Path(manager.directory) / str(step) / ocp.checkpoint_manager.DEFAULT_ITEM_NAME
+    try:
+        # The manager knows no handler before its first save or restore: read it directly.
+        stored = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise _damaged(manager, step, e) from e
+    errors.check_shapes(stored, abstract, _step_dir(manager, step), step)
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int | None) -> str:
+    return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> Exception:
+    others = [s for s in manager.all_steps() if s != step]
+    return errors.CheckpointDamaged(_step_dir(manager, step), step, others, error)
 
 
 def save_run_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> str:
@@ -257,15 +363,19 @@ def save_run_config(workdir: str | os.PathLike, config: ml_collections.ConfigDic
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Reads a training run's `workdir/config.json` back into a ConfigDict."""
+    """Reads a training run's `workdir/config.json` back into a ConfigDict.
+
+    Raises:
+        UserError: if the file is missing or not a JSON object.
+    """
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     try:
         with open(path) as f:
             return ml_collections.ConfigDict(json.load(f))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; not a training workdir") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: missing; not a training workdir") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
@@ -273,37 +383,3 @@ def is_training_workdir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, RUN_CONFIG_FILE)) and os.path.isdir(
         os.path.join(path, CHECKPOINT_SUBDIR)
     )
-
-
-def load_training_variables(
-    workdir: str | os.PathLike, *, which: str = "best"
-) -> tuple[ml_collections.ConfigDict, dict]:
-    """Loads the model config and variables of a training run's best or latest checkpoint.
-
-    Args:
-        workdir: the training run's directory.
-        which: 'best' (by the run's best metric; the latest if none was evaluated) or 'latest'.
-
-    Returns:
-        (model_cfg, {'params', 'batch_stats'}).
-    """
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    config = load_run_config(workdir)
-    ckpt = config.get("checkpoint", None) or {}
-    manager = create_checkpoint_manager(
-        workdir,
-        best_metric=ckpt.get("best_metric", "jaccard/mean"),
-        best_mode=ckpt.get("best_mode", "max"),
-        read_only=True,
-    )
-    try:
-        step = manager.best_step() if which == "best" else manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: no checkpoint in {manager.directory}")
-        # No target: the leaves come back as plain arrays, enough for inference.
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-    finally:
-        manager.close()
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    return config.model, variables

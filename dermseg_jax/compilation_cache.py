@@ -1,15 +1,10 @@
 """JAX's persistent compilation cache: compiled programs saved on disk and reused by later runs.
 
-A resumed or repeated run of the same configuration then loads its training step instead of
-compiling it: the thesis network's step at 256x256, batch 1, on a 2-core CPU takes 28 s to its
-first result when compiled and 14 s when loaded (the step itself ~10 s). A loaded program also
-holds less memory: XLA:CPU keeps ~210 MiB of compile-time state with the program it compiled,
-~60 MiB with the same program loaded (peak RSS of a steady-state step 2320 against 2215 MiB;
-`scripts/benchmark.py` reports both).
-
-The CLIs (`train`, `evaluate`, `predict`) take `--compilation_cache=DIR`: empty turns the cache
-off; without the flag, JAX's own setting (`JAX_COMPILATION_CACHE_DIR`) or else `DEFAULT_DIR`.
-The cache must be set before the process compiles anything.
+Why: a resumed or repeated run of the same configuration loads its training step instead of
+compiling it, which on a CPU halves the time to the first step and holds less memory (figures:
+docs/performance.md). The CLIs (`train`, `evaluate`, `predict`) take `--compilation_cache=DIR`:
+empty turns the cache off; without the flag, JAX's own setting (`JAX_COMPILATION_CACHE_DIR`)
+or else `DEFAULT_DIR`. The cache must be set before the process compiles anything.
 """
 
 import os

@@ -1,44 +1,49 @@
 """`Evaluator(model, data_cfg, eval_cfg).run(state) -> dict[str, float]`: the one evaluation.
 
-Used by the trainer (periodic validation) and by `python -m dermseg_jax.evaluate`. Two protocols:
+Used by the trainer (periodic validation) and by `python -m dermseg_jax.evaluate`. Masks come
+from the one decision, `postprocess.decide_masks` (at full size through
+`inference.full_size_masks`, exactly as `predict`). Two protocols:
 
-Default (correct) protocol: every image of the split once, as the eval pipeline prepares it
-(automatic lesion crop, longer side resized to `eval_size`, padded), BatchNorm on running
-statistics (`eval.batch_stats_bn` switches to each batch's own statistics, thesis defect 3),
-optional flip TTA (`inference.create_predict_fn`). Two resolutions are scored:
-
+Default protocol: every image of the split once, as the eval pipeline prepares it (automatic
+lesion crop, longer side resized to `eval_size`, padded), BatchNorm on running statistics,
+optional flip TTA. With `eval.inference='tiles'` the network instead sees the stored image's
+crop at the training scale tile by tile (`tiling.TiledPredictor`, as `predict`); its
+probabilities are resized to the eval frame for the eval-resolution metrics. Two resolutions
+are scored:
 - DATASET resolution (the prepared image's size: the original wherever `prepare` did not
-  downscale, see `isic2018/at_original_resolution`): probabilities are mapped back with
-  `inference.full_size_masks`, exactly as `predict` does, and compared with the stored masks.
-  Keys of `metrics.SegmentationMetrics`: `jaccard/<s>` (thesis formula, +1), `image_jaccard/`,
-  `image_dice/`, `micro_jaccard/`, `micro_dice/` (+ `/mean`, `/pooled`) and the official
-  `isic2018/jaccard/<s>`, `isic2018/dice/<s>`, `isic2018/overall`, `isic2018/micro_average_dice`.
+  downscale, see `isic2018/at_original_resolution`): the keys of `metrics.SegmentationMetrics`
+  (`jaccard/<s>`, `image_*`, `micro_*`, the official `isic2018/*` incl. `isic2018/overall`
+  (micro) and `isic2018/macro`).
 - EVAL resolution (the network's input frame, real pixels of the lesion crop): the thesis'
-  metrics `thesis/jaccard/<class>`, `thesis/auc/<class>` (+ `/mean` over the five structures,
-  `/mean6`), the 6x6 confusion matrix (attribute), and pooled-pixel ROC AUC `roc_auc/<s>`.
+  metrics `thesis/jaccard/<class>`, `thesis/auc/<class>` (`metrics.ThesisMetrics`), the 6x6
+  confusion matrix of the raw argmax (attribute) and pooled-pixel ROC AUC `roc_auc/<s>`.
 
-Thesis protocol (`thesis_protocol=True`, SEED_SPEC defects 1, 3, 4): the ground-truth lesion
-crops each image; shorter side to `resize_shorter`, ONE random `eval_size` crop (fixed seed),
-shuffled batches of `eval_cfg.batch_size` real images, BatchNorm on the batch's statistics,
-softmax over the batch axis, predictions multiplied by the ground-truth lesion, the thesis'
-opening. All metrics then refer to that crop (there is no way back to the full image).
+Thesis protocol (`thesis_protocol=True`, SEED_SPEC defects 1, 3, 4, 6): the notebook's test
+loader (`data.thesis_eval`: ground-truth lesion crop, one random `eval_size` crop, shuffled
+batches of `eval_cfg.batch_size`), BatchNorm on the batch's statistics, softmax over the batch
+axis, predictions multiplied by the ground-truth lesion, the configured opening. The thesis
+Jaccard uses the notebook's shifted one-hot (defect 6); `jaccard/<s>` keeps the correct
+channels. All metrics then refer to that crop (there is no way back to the full image).
+
+`Evaluator.fit_thresholds(state)`: per-structure sigmoid thresholds maximising the official
+micro score (`thresholds.fit`), on the validation split only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import cv2
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from dermseg_jax import inference, labels, metrics, postprocess, sharding
-
-_ROC_BINS = 256
+from dermseg_jax import inference, labels, metrics, postprocess, sharding, thresholds, tiling
+from dermseg_jax.errors import UserError
 
 
 def variables_of(state_or_variables: Any) -> dict:
@@ -58,32 +63,19 @@ class EvalExample:
     prediction: np.ndarray
 
 
-class _RocAccumulator:
-    """Pooled-pixel ROC per structure from histograms of 8-bit scores (bounded memory)."""
+@dataclasses.dataclass
+class _Scored:
+    """One image as a protocol delivers it: eval-resolution scores, dataset-resolution masks."""
 
-    def __init__(self) -> None:
-        self.pos = np.zeros((labels.NUM_STRUCTURES, _ROC_BINS), np.int64)
-        self.neg = np.zeros((labels.NUM_STRUCTURES, _ROC_BINS), np.int64)
-
-    def update(self, scores: np.ndarray, truth: np.ndarray) -> None:
-        """scores float [N, 5] in [0, 1]; truth [N, 5] in {0, 1}."""
-        q = np.clip(np.rint(scores * (_ROC_BINS - 1)), 0, _ROC_BINS - 1).astype(np.int64)
-        for k in range(labels.NUM_STRUCTURES):
-            t = truth[:, k] > 0
-            self.pos[k] += np.bincount(q[t, k], minlength=_ROC_BINS)
-            self.neg[k] += np.bincount(q[~t, k], minlength=_ROC_BINS)
-
-    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-        out = {}
-        for k, name in enumerate(labels.STRUCTURE_NAMES):
-            p, n = self.pos[k].sum(), self.neg[k].sum()
-            if p == 0 or n == 0:
-                continue
-            # Thresholds from high to low: a pixel is positive when its bin >= threshold.
-            tpr = np.concatenate([[0.0], np.cumsum(self.pos[k][::-1]) / p])
-            fpr = np.concatenate([[0.0], np.cumsum(self.neg[k][::-1]) / n])
-            out[name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
-        return out
+    id: str
+    probs: np.ndarray  # [h, w, C] network output on the real pixels
+    structures: np.ndarray  # [h, w, 5] truth at eval resolution
+    lesion: np.ndarray  # [h, w] truth lesion at eval resolution
+    prediction: np.ndarray  # [H, W, 5] decided masks at dataset resolution
+    truth: np.ndarray  # [H, W, 5]
+    image: np.ndarray  # uint8 [H, W, 3] for the pictures
+    at_original: bool
+    full: np.ndarray | None = None  # uint8 [H, W, C] scores at dataset resolution (default)
 
 
 class Evaluator:
@@ -92,7 +84,7 @@ class Evaluator:
     Attributes (filled by `run`):
         rows: per-image dicts for a CSV (id, size, per-structure Jaccard and pixel counts).
         examples: the first `num_examples` images with truth and prediction, for pictures.
-        confusion_matrix: int64 [6, 6] (rows truth, columns prediction), eval resolution.
+        confusion_matrix: int64 [6, 6] (rows truth, columns raw argmax), eval resolution.
         roc_curves: structure -> (fpr [N], tpr [N], AUC), pooled pixels, eval resolution.
     """
 
@@ -116,39 +108,38 @@ class Evaluator:
         Args:
             model: the Linen module.
             data_cfg: `config.data`.
-            eval_cfg: `config.eval` (`split`, `batch_size`, `threshold`, `opening`,
-                `restrict_to_lesion`, `batch_stats_bn`, optional `tta`, `thesis_protocol`).
+            eval_cfg: `config.eval` (`split`, `batch_size`, `threshold`, `opening`, optional
+                `opening_sizes`, `tta`, `thesis_protocol`, `inference`, `tile_size`,
+                `tile_overlap`).
             head: 'softmax' | 'sigmoid'; None = `model.head`.
             batch_size: global eval batch; None = `eval_cfg.batch_size`.
             split: None = `eval_cfg.split`.
-            thesis_protocol: None = `eval_cfg.thesis_protocol` (default False).
-            tta: None = `eval_cfg.tta` (default False). Not used by the thesis protocol.
+            thesis_protocol: None = `eval_cfg.thesis_protocol`.
+            tta: None = `eval_cfg.tta`. Not used by the thesis protocol.
             num_examples: images to keep in `examples` for pictures.
             mesh: data mesh; None = `sharding.make_mesh()`.
             seed: seed of the thesis protocol's random crops and batch order.
         """
-        self.model = model
         self.data_cfg = data_cfg
         self.head = head or getattr(model, "head", "softmax")
         config = ml_collections.ConfigDict({"model": {"head": self.head}, "eval": eval_cfg})
         self.settings = inference.PostprocessSettings.from_config(config, tta=tta)
         self.batch_size = int(batch_size or eval_cfg.batch_size)
         self.split = split or eval_cfg.get("split", "validation")
-        self.thesis_protocol = bool(
-            eval_cfg.get("thesis_protocol", False) if thesis_protocol is None else thesis_protocol
-        )
+        if thesis_protocol is None:
+            thesis_protocol = eval_cfg.get("thesis_protocol", False)
+        self.thesis_protocol = bool(thesis_protocol)
         self.num_examples = int(num_examples)
         self.seed = int(seed)
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
-        # Thesis defect 3 alone (`eval.batch_stats_bn`, set by configs/thesis.py): BatchNorm on
-        # each batch's statistics, but a normal softmax and the default data.
-        self.batch_stats_bn = bool(eval_cfg.get("batch_stats_bn", False))
+        tiles = tiling.TileSettings.from_config(data_cfg, eval_cfg)
+        self.tiler = None
+        if tiles is not None and not self.thesis_protocol:
+            self.tiler = tiling.TiledPredictor(data_cfg, tiles, batch_size=self.batch_size)
         if self.thesis_protocol:
             if self.head != "softmax":
                 raise ValueError("The thesis protocol needs the softmax head (batch-axis softmax).")
             self.predict_fn = inference.create_thesis_predict_fn(model)
-        elif self.batch_stats_bn:
-            self.predict_fn = inference.create_batch_stats_predict_fn(model, head=self.head)
         else:
             sharding.check_batch_size(self.batch_size, self.mesh, "eval batch_size")
             self.predict_fn = inference.create_predict_fn(
@@ -167,225 +158,197 @@ class Evaluator:
         """
         variables = variables_of(state_or_variables)
         self.rows, self.examples = [], []
-        seg = metrics.SegmentationMetrics()
-        thesis = metrics.ThesisMetrics()
-        roc = _RocAccumulator()
+        seg, thesis = metrics.SegmentationMetrics(), metrics.ThesisMetrics()
+        roc = metrics.PooledRoc()
         at_original = []
-        if self.thesis_protocol:
-            images = self._thesis_images(variables)
-        else:
-            images = self._default_images(variables)
-        for item in images:
+        for item in self._images(variables):
             self._score_eval_resolution(item, thesis, roc)
-            pred, truth = item["full_prediction"], item["full_truth"]
-            counts = _confusion_counts(pred, truth)
-            seg.update(counts)
-            at_original.append(float(item["at_original"]))
-            self._add_row(item, counts)
+            counts = seg.add(item.prediction, item.truth)
+            self.rows.append(_image_row(item.id, item.truth.shape, counts))
+            at_original.append(float(item.at_original))
             if len(self.examples) < self.num_examples:
-                self.examples.append(EvalExample(item["id"], item["full_image"], truth, pred))
+                self.examples.append(EvalExample(item.id, item.image, item.truth, item.prediction))
         if seg.num_images == 0:
             raise ValueError(f"split {self.split!r}: no images were evaluated")
-        out = seg.finalize()
-        for key, value in thesis.finalize().items():
-            if key.startswith("thesis_"):
-                metric, name = key.split("/", 1)
-                key = f"thesis/{metric[len('thesis_') :]}/{name}"
-            else:
-                key = f"thesis/{key}"
-            out[key] = value
+        out = {**seg.finalize(), **thesis.finalize(), **roc.finalize()}
         self.confusion_matrix = thesis.confusion_matrix.copy()
         self.roc_curves = roc.curves()
-        aucs = []
-        for name in labels.STRUCTURE_NAMES:
-            auc = self.roc_curves[name][2] if name in self.roc_curves else math.nan
-            out[f"roc_auc/{name}"] = auc
-            aucs.append(auc)
-        finite = [a for a in aucs if not math.isnan(a)]
-        out["roc_auc/mean"] = float(np.mean(finite)) if finite else math.nan
         out["isic2018/at_original_resolution"] = float(np.mean(at_original))
         out["thesis_protocol"] = float(self.thesis_protocol)
         out["tta"] = float(self.settings.tta and not self.thesis_protocol)
         return {k: float(v) for k, v in out.items()}
 
-    def _score_eval_resolution(self, item: dict, thesis, roc: _RocAccumulator) -> None:
-        probs, structures, lesion = item["probs"], item["structures"], item["lesion"]
-        if self.head == "softmax":
-            pred6 = postprocess.predict_classes_softmax(
-                probs,
-                lesion if item["restrict"] else None,
-                None if self.settings.opening_sizes is None else (1, *self.settings.opening_sizes),
+    def _images(self, variables: dict) -> Iterator[_Scored]:
+        if self.thesis_protocol:
+            predict = functools.partial(self.predict_fn, variables)
+            return _thesis_protocol_images(
+                self.data_cfg, self.split, self.batch_size, self.seed, predict, self._decide
             )
-            scores6 = probs
-            scores5 = probs[..., 1:]
-        else:
-            pred5 = inference.probabilities_to_masks(
-                probs,
-                head="sigmoid",
-                threshold=self.settings.threshold,
-                opening_sizes=self.settings.opening_sizes,
-                lesion=lesion if item["restrict"] else None,
-            )
-            pred6 = metrics.thesis_ground_truth(pred5, None)
-            scores5 = probs
-            scores6 = np.concatenate([1.0 - probs.max(-1, keepdims=True), probs], axis=-1)
-        thesis.update(pred6, metrics.thesis_ground_truth(structures, lesion), scores6)
-        roc.update(scores5.reshape(-1, labels.NUM_STRUCTURES), structures.reshape(-1, 5))
-
-    def _add_row(self, item: dict, counts: Mapping[str, np.ndarray]) -> None:
-        row: dict[str, Any] = {
-            "id": item["id"],
-            "height": int(item["full_truth"].shape[0]),
-            "width": int(item["full_truth"].shape[1]),
-        }
-        for k, name in enumerate(labels.STRUCTURE_NAMES):
-            tp, fp, fn = (int(counts[c][0, k]) for c in ("tp", "fp", "fn"))
-            union = tp + fp + fn
-            row[f"jaccard/{name}"] = tp / union if union else math.nan
-            row[f"truth_pixels/{name}"] = tp + fn
-            row[f"predicted_pixels/{name}"] = tp + fp
-        self.rows.append(row)
-
-    def _default_images(self, variables: dict) -> Iterator[dict]:
-        """Per image: eval-resolution probabilities and truth, and dataset-resolution masks."""
-        import tensorflow_datasets as tfds
-
-        from dermseg_jax.data import pipeline
-
-        data_dir = pipeline.resolve_data_dir(self.data_cfg)
-        raw, _ = pipeline.read_split(data_dir, self.split)
-        raw_iter = iter(tfds.as_numpy(raw))
-        batches = pipeline.create_eval_dataset(
-            self.data_cfg, split=self.split, batch_size=self.batch_size
-        )
         s = self.settings
-        for batch in batches:
-            probs = self._predict(variables, batch)
-            for i in range(len(probs)):
-                if not np.any(batch["valid"][i]):
-                    continue
-                example = next(raw_iter)
-                ident = _text(batch["id"][i])
-                if _text(example["id"]) != ident:
-                    raise RuntimeError(
-                        f"eval batches and raw examples of {data_dir} are out of step: "
-                        f"{ident!r} vs {_text(example['id'])!r}"
-                    )
-                h, w = (int(v) for v in batch["resized_size"][i])
-                stored = example["image"].shape[:2]
-                original = tuple(int(v) for v in batch["original_size"][i])
-                box = _box_in_stored_pixels(batch["crop_box"][i], original, stored)
-                full = inference.full_size_masks(
-                    probs[i],
-                    box,
-                    (h, w),
-                    stored,
-                    head=self.head,
-                    threshold=s.threshold,
-                    opening_sizes=s.opening_sizes,
-                )
-                yield {
-                    "id": ident,
-                    "probs": probs[i, :h, :w],
-                    "structures": batch["structures"][i, :h, :w],
-                    "lesion": batch["lesion"][i, :h, :w],
-                    "restrict": False,
-                    "full_prediction": full,
-                    "full_truth": (example["structures"] != 0).astype(np.uint8),
-                    "full_image": example["image"],
-                    "at_original": tuple(stored) == original,
-                }
+        decide = functools.partial(
+            inference.decide_full_size,
+            head=self.head,
+            threshold=s.threshold,
+            opening_sizes=s.opening_sizes,
+        )
+        predict = functools.partial(self._predict, variables)
+        tiled = None
+        if self.tiler is not None:
+            tiled = functools.partial(self.tiler.probabilities, predict)
+        return _default_protocol_images(
+            self.data_cfg, self.split, self.batch_size, predict, self.head, decide, tiled
+        )
 
-    def _predict(self, variables: dict, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-        images = np.asarray(batch["image"])
-        real = np.asarray(batch["valid"]).reshape(len(images), -1).any(axis=1)
-        if self.batch_stats_bn:
-            # Batch statistics: padded images would change them, so only the real ones go in.
-            probs = np.zeros(images.shape[:3] + (_channels(self.head),), np.float32)
-            probs[real] = np.asarray(self.predict_fn(variables, images[real]))
-            return probs
+    def fit_thresholds(self, state_or_variables: Any) -> thresholds.FittedThresholds:
+        """Per-structure thresholds maximising the official (micro) score on this split.
+
+        Refuses any split but 'validation': thresholds fitted on the test split would make its
+        score meaningless. Reads only that split (scores at dataset resolution, as `run`).
+
+        Raises:
+            UserError: the split is not 'validation', the head is not sigmoid, or the thesis
+                protocol is on.
+        """
+        thresholds.check_fitting_split(self.split)
+        if self.head != "sigmoid" or self.thesis_protocol:
+            raise UserError(
+                "fitting thresholds needs the sigmoid head and the default protocol",
+                hint="drop --thesis-protocol; softmax models have no thresholds",
+            )
+        histograms = thresholds.ScoreHistograms()
+        for item in self._images(variables_of(state_or_variables)):
+            histograms.add(item.full[..., -labels.NUM_STRUCTURES :], item.truth)
+        return thresholds.fit(histograms)
+
+    def _decide(
+        self, probs: np.ndarray, lesion: np.ndarray | None, notebook_one_hot: bool = False
+    ) -> np.ndarray:
+        s = self.settings
+        return postprocess.decide_masks(
+            probs,
+            head=self.head,
+            threshold=s.threshold,
+            opening_sizes=s.opening_sizes,
+            lesion=lesion,
+            notebook_one_hot=notebook_one_hot,
+        )
+
+    def _score_eval_resolution(self, item: _Scored, thesis, roc) -> None:
+        # The thesis protocol restricts to the ground-truth lesion (defect 4) and one-hot
+        # encodes like the notebook's Jaccard code (defect 6).
+        restrict = item.lesion if self.thesis_protocol else None
+        pred6 = self._decide(item.probs, restrict, notebook_one_hot=self.thesis_protocol)
+        scores6 = item.probs
+        if self.head == "sigmoid":
+            scores6 = np.concatenate([1.0 - item.probs.max(-1, keepdims=True), item.probs], -1)
+        thesis.update(pred6, metrics.thesis_ground_truth(item.structures, item.lesion), scores6)
+        roc.update(scores6[..., 1:], item.structures)
+
+    def _predict(self, variables: dict, images: np.ndarray) -> np.ndarray:
         n = len(images)
         if n < self.batch_size:
             # A short last batch keeps the compiled shape: pad with zero images.
-            images = np.concatenate(
-                [images, np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)]
-            )
+            pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
+            images = np.concatenate([images, pad])
         lo = jax.process_index() * self.batch_size // jax.process_count()
         hi = (jax.process_index() + 1) * self.batch_size // jax.process_count()
         sharded = sharding.shard_batch({"image": images[lo:hi]}, self.mesh)["image"]
         return np.asarray(jax.device_get(self.predict_fn(variables, sharded)))[:n]
 
-    def _thesis_images(self, variables: dict) -> Iterator[dict]:
-        """The thesis notebook's test loop (module docstring), image by image."""
-        opening6 = (1, *(self.settings.opening_sizes or (1,) * labels.NUM_STRUCTURES))
-        for batch in thesis_eval_batches(
-            self.data_cfg, split=self.split, batch_size=self.batch_size, seed=self.seed
-        ):
-            # Only the real images: a padded batch would change the batch statistics and the
-            # batch-axis softmax (the notebook's last batch is simply smaller).
-            scores = np.asarray(self.predict_fn(variables, batch["image"]))
-            for i in range(len(scores)):
-                lesion = batch["lesion"][i]
-                structures = batch["structures"][i]
-                pred6 = postprocess.predict_classes_softmax(scores[i], lesion, opening6)
-                yield {
-                    "id": _text(batch["id"][i]),
-                    "probs": scores[i],
-                    "structures": structures,
-                    "lesion": lesion,
-                    "restrict": True,
-                    "full_prediction": pred6[..., 1:],
-                    "full_truth": (structures != 0).astype(np.uint8),
-                    "full_image": _display_image(batch["image"][i]),
-                    "at_original": False,
-                }
 
-
-def thesis_eval_batches(
-    data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int, seed: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """The thesis notebook's test loader: shuffled, one random crop per image, last batch short.
-
-    Ground-truth lesion crop ('mask'; 'auto' where an example has no mask), shorter side to
-    `resize_shorter` with `resize_method`, one random `eval_size` square crop, no flips, no
-    colour step, the eval normalisation (`eval_normalization`, else 'none' for the thesis'
-    training-only 'thesis_wrap': its test images are plain [0, 1]).
-
-    Args:
-        data_cfg: `config.data`.
-        split: split name.
-        batch_size: images per batch (thesis: 2); the last batch holds the rest.
-        seed: seed of the order and of the crops.
-
-    Returns:
-        Iterator of numpy batches: image [b, E, E, 3], structures uint8 [b, E, E, 5], lesion
-        uint8 [b, E, E], valid, label, id.
-    """
-    import tensorflow as tf
+def _default_protocol_images(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    batch_size: int,
+    predict: Callable[[np.ndarray], np.ndarray],
+    head: str,
+    decide: Callable[..., np.ndarray],
+    tiled: Callable[[np.ndarray, tuple], np.ndarray] | None,
+) -> Iterator[_Scored]:
+    """The default protocol, image by image: the eval pipeline's batches through `predict`
+    (or, with `tiled(image, box)`, each stored image's crop tile by tile), restored onto the
+    prepared image and decided there by `decide(full_scores, box, hw)`."""
     import tensorflow_datasets as tfds
 
-    from dermseg_jax.data import pipeline
+    from dermseg_jax.data import eval_pipeline, pipeline
 
-    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-    cfg.lesion_crop = "mask"
-    cfg.color_jitter = (0.0, 0.0, 0.0, 0.0)
-    cfg.flip = False
-    cfg.crop_size = int(data_cfg.eval_size)
-    eval_norm = data_cfg.get("eval_normalization", None)
-    cfg.normalization = eval_norm or (
-        "none" if data_cfg.normalization == "thesis_wrap" else data_cfg.normalization
-    )
-    raw, num = pipeline.read_split(pipeline.resolve_data_dir(cfg), split)
-    example_fn = pipeline.train_example_fn(cfg)
-    base = tf.constant([seed, 0], tf.int64)
+    data_dir = pipeline.resolve_data_dir(data_cfg)
+    raw_iter = iter(tfds.as_numpy(pipeline.read_split(data_dir, split)[0]))
+    for batch in eval_pipeline.create_eval_dataset(data_cfg, split=split, batch_size=batch_size):
+        probs = predict(batch["image"]) if tiled is None else None
+        real = np.reshape(batch["valid"], (len(batch["valid"]), -1)).any(axis=1)
+        for i in np.flatnonzero(real):
+            example = next(raw_iter)
+            ident = _text(batch["id"][i])
+            if _text(example["id"]) != ident:
+                raise RuntimeError(
+                    f"eval batches and raw examples of {data_dir} are out of step: "
+                    f"{ident!r} vs {_text(example['id'])!r}"
+                )
+            h, w = (int(v) for v in batch["resized_size"][i])
+            stored = example["image"].shape[:2]
+            original = tuple(int(v) for v in batch["original_size"][i])
+            box = _box_in_stored_pixels(batch["crop_box"][i], original, stored)
+            if tiled is None:
+                net, net_hw = probs[i], (h, w)
+            else:  # The crop at the training scale; the eval-resolution metrics see it resized.
+                net = tiled(example["image"], box)
+                net_hw = net.shape[:2]
+            full = inference.restore_probabilities(net, box, net_hw, stored, head=head)
+            yield _Scored(
+                id=ident,
+                probs=net[:h, :w] if tiled is None else cv2.resize(net, (w, h)) / np.float32(255),
+                structures=batch["structures"][i, :h, :w],
+                lesion=batch["lesion"][i, :h, :w],
+                prediction=decide(full, box, net_hw),
+                truth=(example["structures"] != 0).astype(np.uint8),
+                image=example["image"],
+                at_original=tuple(stored) == original,
+                full=full,
+            )
 
-    def fn(index, example):
-        out = example_fn(example, tf.random.experimental.stateless_fold_in(base, index))
-        out["id"] = example["id"]
-        return out
 
-    dataset = raw.enumerate().shuffle(num, seed=seed).map(fn).batch(batch_size)
-    return iter(tfds.as_numpy(dataset))
+def _thesis_protocol_images(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    batch_size: int,
+    seed: int,
+    predict: Callable[[np.ndarray], np.ndarray],
+    decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> Iterator[_Scored]:
+    """The thesis notebook's test loop (module docstring), image by image."""
+    from dermseg_jax.data import thesis_eval
+
+    for batch in thesis_eval.thesis_eval_batches(
+        data_cfg, split=split, batch_size=batch_size, seed=seed
+    ):
+        # Only the real images: a padded batch would change the batch statistics and the
+        # batch-axis softmax (the notebook's last batch is simply smaller).
+        scores = np.asarray(predict(batch["image"]))
+        for i, probs in enumerate(scores):
+            structures, lesion = batch["structures"][i], batch["lesion"][i]
+            yield _Scored(
+                id=_text(batch["id"][i]),
+                probs=probs,
+                structures=structures,
+                lesion=lesion,
+                prediction=decide(probs, lesion)[..., 1:],
+                truth=(structures != 0).astype(np.uint8),
+                image=_display_image(batch["image"][i]),
+                at_original=False,
+            )
+
+
+def _image_row(ident: str, shape: tuple[int, ...], counts: Mapping[str, np.ndarray]) -> dict:
+    """One CSV row: id, size, and per structure the Jaccard and pixel counts."""
+    row: dict[str, Any] = {"id": ident, "height": int(shape[0]), "width": int(shape[1])}
+    for k, name in enumerate(labels.STRUCTURE_NAMES):
+        tp, fp, fn = (int(counts[c][k]) for c in ("tp", "fp", "fn"))
+        union = tp + fp + fn
+        row[f"jaccard/{name}"] = tp / union if union else float("nan")
+        row[f"truth_pixels/{name}"] = tp + fn
+        row[f"predicted_pixels/{name}"] = tp + fp
+    return row
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:
@@ -395,21 +358,6 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     if 0.0 <= lo and hi <= 1.0:
         return np.rint(image * 255).astype(np.uint8)
     return np.rint((image - lo) / max(hi - lo, 1e-6) * 255).astype(np.uint8)
-
-
-def _confusion_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
-    """`metrics.eval_counts` of one image on the host: full-size masks never go to a device."""
-    p, t = pred != 0, truth != 0
-    tp = np.count_nonzero(p & t, axis=(0, 1))
-    fp = np.count_nonzero(p & ~t, axis=(0, 1))
-    fn = np.count_nonzero(~p & t, axis=(0, 1))
-    tn = p.shape[0] * p.shape[1] - tp - fp - fn
-    values = (tp, fp, fn, tn)
-    return {k: v[None].astype(np.int64) for k, v in zip(metrics.COUNT_KEYS, values, strict=True)}
-
-
-def _channels(head: str) -> int:
-    return labels.NUM_CLASSES if head == "softmax" else labels.NUM_STRUCTURES
 
 
 def _text(value: Any) -> str:

@@ -8,12 +8,14 @@ the training-time validation (`Evaluator`), `python -m dermseg_jax.evaluate` and
   probabilities [B, S, S, C]`, BatchNorm on running statistics, jitted once per (model, head,
   tta) (`functools.cache`).
 - `create_thesis_predict_fn(model)`: the thesis notebook's evaluation (defects 1 and 3: BatchNorm
-  on the batch's own statistics, softmax over the BATCH axis). Only for `--thesis-protocol`;
-  `create_batch_stats_predict_fn` gives defect 3 alone (`eval.batch_stats_bn`).
+  on the batch's own statistics, softmax over the BATCH axis). Only for `--thesis-protocol`.
 - `restore_probabilities(...)`: undo the eval pipeline's geometry (pad, resize, lesion crop) on
   the host with cv2, one channel at a time, into a full-size uint8 canvas.
-- `probabilities_to_masks(...)`: the post-processing shared by evaluate and predict, so that both
-  write exactly the same masks.
+- `full_size_masks(...)`: restore, then the one mask decision (`decide_full_size`, i.e.
+  `postprocess.decide_masks`), shared by evaluate and predict, so that both write exactly the
+  same masks. With `eval.inference='tiles'` the probabilities come from
+  `tiling.TiledPredictor` (the crop at the training scale, unpadded) and `resized_size` is
+  their shape; the rest is the same.
 
 Geometry of an eval example (`dermseg_jax.data.pipeline`): the image (`image_size` = [H, W]) is
 cropped to `crop_box` = (top, left, bottom, right) (exclusive ends), resized to `resized_size`
@@ -47,16 +49,12 @@ class PostprocessSettings:
         opening_sizes: 5 opening kernel sizes at eval resolution, or None (`eval.opening` False).
             With `eval.opening` True: `eval.opening_sizes` if set, else the thesis'
             `postprocess.THESIS_OPENING_SIZES`.
-        restrict_to_lesion: keep structures only inside the lesion (`eval.restrict_to_lesion`).
-            The default protocol has no lesion mask, only the automatic lesion crop, outside of
-            which nothing is predicted anyway; the thesis protocol uses the ground-truth mask.
         tta: flip test-time augmentation (`eval.tta`, default False).
     """
 
     head: str = "softmax"
     threshold: float | tuple[float, ...] = 0.5
     opening_sizes: tuple[int, ...] | None = None
-    restrict_to_lesion: bool = False
     tta: bool = False
 
     @classmethod
@@ -78,7 +76,6 @@ class PostprocessSettings:
             head=str(config.model.head),
             threshold=threshold,
             opening_sizes=sizes,
-            restrict_to_lesion=bool(evaluation.get("restrict_to_lesion", False)),
             tta=bool(evaluation.get("tta", False)) if tta is None else bool(tta),
         )
 
@@ -147,61 +144,31 @@ def _deterministic_dropout(next_fun, args, kwargs, context):
 
 
 @functools.cache
-def create_batch_stats_predict_fn(
-    model: nn.Module,
-    *,
-    head: str = "softmax",
-    softmax_axis: int = -1,
-    mesh: jax.sharding.Mesh | None = None,
-) -> PredictFn:
-    """A predictor with BatchNorm on the batch's own statistics (thesis defect 3).
-
-    The notebook turns off `track_running_stats`, so BatchNorm normalises every evaluation
-    batch with its own statistics (running statistics are neither used nor updated) and one
-    image's prediction depends on its batch mate. Dropout stays off.
-
-    Args:
-        model: the Linen module.
-        head: 'softmax' or 'sigmoid'.
-        softmax_axis: -1 = over classes; 0 = over the BATCH axis (thesis defect 1, softmax head).
-        mesh: as in `create_predict_fn`.
-
-    Returns:
-        `predict_fn(variables, images [B, S, S, 3]) -> scores [B, S, S, C]` (jitted); call it with
-        only the real images of a batch (no padding): padded images would change the result.
-    """
-    if softmax_axis not in (-1, 0):
-        raise ValueError(f"softmax_axis must be -1 (classes) or 0 (batch), got {softmax_axis}")
-    if softmax_axis == 0 and head != "softmax":
-        raise ValueError("A batch-axis softmax needs the softmax head.")
-
-    def predict_fn(variables, images):
-        with nn.intercept_methods(_deterministic_dropout):
-            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        if head == "softmax":
-            return jax.nn.softmax(logits, axis=softmax_axis)
-        return _activation(logits, head)
-
-    return _jit(predict_fn, mesh)
-
-
 def create_thesis_predict_fn(
     model: nn.Module, *, mesh: jax.sharding.Mesh | None = None
 ) -> PredictFn:
     """The thesis notebook's evaluation forward pass: defects 1 and 3 together.
 
-    BatchNorm on the batch's statistics (`create_batch_stats_predict_fn`) and the softmax over
-    the batch axis, so with the notebook's batches of 2 the two images' scores sum to 1.
+    The notebook turns off `track_running_stats`, so BatchNorm normalises every evaluation batch
+    with its own statistics (running statistics are neither used nor updated) and one image's
+    prediction depends on its batch mate (defect 3); the softmax runs over the batch axis, so
+    with the notebook's batches of 2 the two images' scores sum to 1 (defect 1). Dropout is off.
 
     Args:
         model: a softmax-head Linen module.
         mesh: as in `create_predict_fn`.
 
     Returns:
-        `predict_fn(variables, images [B, S, S, 3]) -> scores [B, S, S, 6]` (jitted), for the
-        real images of a batch only.
+        `predict_fn(variables, images [B, S, S, 3]) -> scores [B, S, S, 6]` (jitted); call it with
+        only the real images of a batch (no padding): padded images would change the result.
     """
-    return create_batch_stats_predict_fn(model, head="softmax", softmax_axis=0, mesh=mesh)
+
+    def predict_fn(variables, images):
+        with nn.intercept_methods(_deterministic_dropout):
+            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return jax.nn.softmax(logits, axis=0)
+
+    return _jit(predict_fn, mesh)
 
 
 def _check_geometry(probs: np.ndarray, crop_box, resized_size, image_size) -> tuple:
@@ -233,7 +200,8 @@ def restore_probabilities(
     one channel at a time in uint8, so a 30 MP image needs about C bytes per pixel.
 
     Args:
-        probs: float [S, S, C] probabilities of one image (network output).
+        probs: float [S, S, C] probabilities of one image (network output), or uint8 0..255
+            (`tiling`'s output).
         crop_box: (top, left, bottom, right) of the lesion crop in image pixels (exclusive ends).
         resized_size: (h, w) of the resized crop inside the padded [S, S] square.
         image_size: (H, W) of the output canvas (the image the crop box refers to).
@@ -252,7 +220,9 @@ def restore_probabilities(
         canvas[..., 0] = 255
     for c in range(channels):
         # Quantising before the resize keeps the big intermediate at one byte per pixel.
-        small = np.clip(np.rint(probs[:h, :w, c] * 255.0), 0, 255).astype(np.uint8)
+        small = probs[:h, :w, c]
+        if small.dtype != np.uint8:
+            small = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
         canvas[top:bottom, left:right, c] = cv2.resize(
             small, (right - left, bottom - top), interpolation=cv2.INTER_LINEAR
         )
@@ -280,49 +250,6 @@ def scaled_opening_sizes(
     return tuple(max(1, int(round(int(k) * scale))) for k in opening_sizes)
 
 
-def probabilities_to_masks(
-    probs: np.ndarray,
-    *,
-    head: str,
-    threshold: float | Sequence[float] = 0.5,
-    opening_sizes: Sequence[int] | None = None,
-    lesion: np.ndarray | None = None,
-) -> np.ndarray:
-    """The post-processing shared by evaluate and predict: decide, restrict, open.
-
-    Args:
-        probs: [H, W, C] probabilities, float in [0, 1] or uint8 in 0..255 (C = 6 softmax:
-            argmax; C = 5 sigmoid: per-structure threshold).
-        head: 'softmax' or 'sigmoid'.
-        threshold: sigmoid threshold(s) in [0, 1] (one, or one per structure).
-        opening_sizes: 5 square kernel sizes in pixels of `probs`; None = no opening.
-        lesion: optional [H, W] mask in {0, 1}; structures are kept only inside it.
-
-    Returns:
-        uint8 [H, W, 5] structure masks in {0, 1}.
-    """
-    probs = np.asarray(probs)
-    if head == "softmax":
-        return postprocess.predict_masks_softmax(probs, lesion, opening_sizes)
-    if head != "sigmoid":
-        raise ValueError(f"Unknown model head {head!r}; expected 'softmax' or 'sigmoid'.")
-    if probs.shape[-1] != labels.NUM_STRUCTURES:
-        raise ValueError(
-            f"sigmoid probabilities need {labels.NUM_STRUCTURES} channels, got {probs.shape}"
-        )
-    thresholds = np.broadcast_to(np.asarray(threshold, np.float32), (labels.NUM_STRUCTURES,))
-    if probs.dtype == np.uint8:
-        thresholds = thresholds * 255.0
-    # Thresholding here rather than in postprocess keeps uint8 full-size maps at one byte per
-    # pixel (postprocess works in float64).
-    masks = (probs > thresholds).astype(np.uint8)
-    if lesion is not None:
-        masks *= (np.asarray(lesion).reshape(masks.shape[:2]) != 0).astype(np.uint8)[..., None]
-    if opening_sizes is not None:
-        masks = postprocess.morphological_opening(masks, opening_sizes)
-    return masks
-
-
 def full_size_masks(
     probs: np.ndarray,
     crop_box: Sequence[int],
@@ -334,6 +261,9 @@ def full_size_masks(
     opening_sizes: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Eval-resolution probabilities of one image -> post-processed masks at full size.
+
+    The probabilities are restored onto the full image (`restore_probabilities`), then decided
+    there by `postprocess.decide_masks` with the opening scaled to the output resolution.
 
     Args:
         probs: float [S, S, C] network probabilities of one padded eval image.
@@ -348,7 +278,37 @@ def full_size_masks(
         uint8 [H, W, 5] structure masks in {0, 1}.
     """
     full = restore_probabilities(probs, crop_box, resized_size, image_size, head=head)
+    return decide_full_size(
+        full,
+        crop_box,
+        resized_size,
+        head=head,
+        threshold=threshold,
+        opening_sizes=opening_sizes,
+    )
+
+
+def decide_full_size(
+    full: np.ndarray,
+    crop_box: Sequence[int],
+    resized_size: Sequence[int],
+    *,
+    head: str,
+    threshold: float | Sequence[float] = 0.5,
+    opening_sizes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Restored full-size scores (`restore_probabilities`) -> post-processed structure masks.
+
+    Args:
+        full: uint8 [H, W, C] scores at full size.
+        crop_box, resized_size: the geometry the scores were restored from (scales the opening).
+        head, threshold, opening_sizes: as `full_size_masks`.
+
+    Returns:
+        uint8 [H, W, 5] structure masks in {0, 1}.
+    """
     sizes = None
     if opening_sizes is not None:
         sizes = scaled_opening_sizes(opening_sizes, resized_size, crop_box)
-    return probabilities_to_masks(full, head=head, threshold=threshold, opening_sizes=sizes)
+    masks = postprocess.decide_masks(full, head=head, threshold=threshold, opening_sizes=sizes)
+    return masks[..., 1:]

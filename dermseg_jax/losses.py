@@ -19,6 +19,11 @@ Sigmoid head (logits `[B, H, W, K]`, targets in {0, 1} `[B, H, W, K]`):
 Both heads: `soft_dice_loss` and `soft_jaccard_loss` (1 - soft Dice / soft IoU per class, pooled
 over the batch and its pixels, smoothed, averaged over classes).
 
+Metric-aware (sigmoid head): `bce_log_jaccard_loss`, BCE - log(soft Jaccard) with ONE soft
+Jaccard pooled over the batch, its pixels and the five structures: the loss of the best single
+model of ISIC 2018 Task 2 (0.433 official), whose score also pools every image and structure
+(micro), so a batch without some structure still gives that structure's false positives a cost.
+
 `compute_loss(loss_cfg, logits, batch, class_weights)` picks one by `loss_cfg.name`. The loss
 config (`config.loss`) fields:
 - `name`: one of `LOSS_NAMES`:
@@ -31,12 +36,17 @@ config (`config.loss`) fields:
   - 'bce' (sigmoid): `sigmoid_binary_cross_entropy` against `batch['structures']`, with
     `class_weights` (shape [K], or None) as `pos_weight`.
   - 'bce_dice' (sigmoid): 'bce' + `dice_weight` * soft Dice loss of the sigmoid probabilities.
+  - 'bce_log_jaccard' (sigmoid): 'bce' - `jaccard_weight` * log(soft Jaccard pooled over the
+    batch, pixels and structures), `bce_log_jaccard_loss`.
 - `gamma` (float, default 2.0): focusing exponent of the focal losses.
 - `dice_weight` (float, default 1.0): weight of the Dice term in the '*_dice' losses.
+- `jaccard_weight` (float, default 1.0): weight of the -log(Jaccard) term of 'bce_log_jaccard'.
+
+Positive weights of the sigmoid losses come from the caller (`class_weights`): the trainer
+derives them from the training split's pixel counts with `loss.weights_from_data`.
 """
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +56,7 @@ import jax.numpy as jnp
 THESIS_CLASS_WEIGHTS = (0.0047, 0.225, 0.264, 0.02, 0.348, 0.136)
 
 SOFTMAX_LOSSES = ("thesis_focal", "weighted_ce", "focal", "weighted_ce_dice")
-SIGMOID_LOSSES = ("bce", "bce_dice")
+SIGMOID_LOSSES = ("bce", "bce_dice", "bce_log_jaccard")
 LOSS_NAMES = SOFTMAX_LOSSES + SIGMOID_LOSSES
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -69,6 +79,12 @@ def _reduce(per_pixel: jax.Array, valid: jax.Array | None, reduction: str) -> ja
     # Double `where` keeps the gradient finite when no pixel is valid.
     safe_count = jnp.where(count > 0, count, 1.0)
     return jnp.where(count > 0, total / safe_count, 0.0)
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """float32 (bfloat16 logits are upcast), or float64 where the input already is."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_softmax_inputs(logits: jax.Array, labels: jax.Array) -> None:
@@ -209,12 +225,12 @@ def sigmoid_binary_cross_entropy(
     """
     if logits.shape != targets.shape:
         raise ValueError(f"logits and targets shapes disagree: {logits.shape} vs {targets.shape}")
-    logits = logits.astype(jnp.float32)
-    targets = jnp.asarray(targets, jnp.float32)
+    logits = _at_least_f32(logits)
+    targets = jnp.asarray(targets, logits.dtype)
     num_channels = logits.shape[-1]
     if pos_weight is None:
-        pos_weight = jnp.ones((num_channels,), jnp.float32)
-    pos_weight = jnp.asarray(pos_weight, jnp.float32)
+        pos_weight = jnp.ones((num_channels,), logits.dtype)
+    pos_weight = jnp.asarray(pos_weight, logits.dtype)
     if pos_weight.shape != (num_channels,):
         raise ValueError(f"pos_weight must have shape ({num_channels},), got {pos_weight.shape}")
     per_element = -(
@@ -231,7 +247,7 @@ def _soft_overlaps(predictions, targets, from_logits, activation, valid):
     """Per-class soft intersection and cardinality |P| + |T|, pooled over batch and pixels."""
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
-    predictions = predictions.astype(jnp.float32)
+    predictions = _at_least_f32(predictions)
     if from_logits:
         if activation == "sigmoid":
             probs = jax.nn.sigmoid(predictions)
@@ -240,14 +256,14 @@ def _soft_overlaps(predictions, targets, from_logits, activation, valid):
     else:
         probs = predictions
     if targets.ndim == probs.ndim - 1:  # integer labels -> one-hot
-        targets = jax.nn.one_hot(targets, probs.shape[-1], dtype=jnp.float32)
-    targets = jnp.asarray(targets, jnp.float32)
+        targets = jax.nn.one_hot(targets, probs.shape[-1], dtype=probs.dtype)
+    targets = jnp.asarray(targets, probs.dtype)
     if targets.shape != probs.shape:
         raise ValueError(
             f"predictions and targets shapes disagree: {probs.shape} vs {targets.shape}"
         )
     if valid is not None:
-        mask = jnp.asarray(valid, jnp.float32)[..., None] > 0
+        mask = jnp.asarray(valid)[..., None] > 0
         probs = jnp.where(mask, probs, 0.0)
         targets = jnp.where(mask, targets, 0.0)
     axes = tuple(range(probs.ndim - 1))
@@ -323,13 +339,42 @@ def soft_jaccard_loss(
     return 1.0 - jnp.mean(iou)
 
 
-def _cfg_get(cfg: Any, field: str, default: Any) -> Any:
-    # ConfigDict and dict both have `get`; plain namespaces only attributes.
-    return cfg.get(field, default) if hasattr(cfg, "get") else getattr(cfg, field, default)
+def bce_log_jaccard_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    pos_weight: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    *,
+    jaccard_weight: float = 1.0,
+    smooth: float = 1.0,
+) -> jax.Array:
+    """BCE - jaccard_weight * log(soft Jaccard), the Jaccard pooled over batch and structures.
+
+    soft Jaccard = (sum(p * t) + smooth) / (sum(p) + sum(t) - sum(p * t) + smooth), every sum
+    over the batch, the valid pixels AND the K structures (one number, not a mean of per-image
+    or per-structure values). Both terms are >= 0 and tend to 0 as the probabilities tend to
+    the targets, so a perfect prediction is the minimum.
+
+    Args:
+        logits: float [B, H, W, K] logits.
+        targets: [B, H, W, K] targets in {0, 1}.
+        pos_weight: float [K] BCE positive weights, or None for 1.
+        valid: [B, H, W] pixel mask, or None for all pixels.
+        jaccard_weight: weight of the -log(Jaccard) term.
+        smooth: additive smoothing of the Jaccard (negligible against pooled pixel counts).
+
+    Returns:
+        The scalar loss.
+    """
+    bce = sigmoid_binary_cross_entropy(logits, targets, pos_weight, valid)
+    intersection, cardinality = _soft_overlaps(logits, targets, True, "sigmoid", valid)
+    intersection, cardinality = jnp.sum(intersection), jnp.sum(cardinality)
+    jaccard = (intersection + smooth) / (cardinality - intersection + smooth)
+    return bce - jaccard_weight * jnp.log(jaccard)
 
 
 def compute_loss(
-    loss_cfg: Any,
+    loss_cfg: Mapping,
     logits: jax.Array,
     batch: Mapping[str, jax.Array],
     class_weights: jax.Array | None = None,
@@ -337,7 +382,8 @@ def compute_loss(
     """The training loss named by `loss_cfg.name` (see the module docstring for the names).
 
     Args:
-        loss_cfg: `config.loss` (ConfigDict or mapping) with `name`, `gamma`, `dice_weight`.
+        loss_cfg: `config.loss` (ConfigDict or mapping) with `name`, `gamma`, `dice_weight`,
+            `jaccard_weight`.
         logits: float [B, H, W, C] model output (C = 6 softmax, C = 5 sigmoid).
         batch: mapping with `label` int [B, H, W] (softmax losses) or `structures` [B, H, W, K]
             (sigmoid losses), and optionally `valid` [B, H, W].
@@ -347,9 +393,9 @@ def compute_loss(
     Returns:
         The scalar loss.
     """
-    name = _cfg_get(loss_cfg, "name", None)
-    gamma = float(_cfg_get(loss_cfg, "gamma", 2.0))
-    dice_weight = float(_cfg_get(loss_cfg, "dice_weight", 1.0))
+    name = loss_cfg.get("name", None)
+    gamma = float(loss_cfg.get("gamma", 2.0))
+    dice_weight = float(loss_cfg.get("dice_weight", 1.0))
     valid = batch.get("valid")
     if name in SOFTMAX_LOSSES:
         if "label" not in batch:
@@ -373,6 +419,11 @@ def compute_loss(
         if "structures" not in batch:
             raise KeyError(f"loss {name!r} needs batch['structures']; batch has {sorted(batch)}")
         targets = batch["structures"]
+        if name == "bce_log_jaccard":
+            weight = float(loss_cfg.get("jaccard_weight", 1.0))
+            return bce_log_jaccard_loss(
+                logits, targets, class_weights, valid, jaccard_weight=weight
+            )
         loss = sigmoid_binary_cross_entropy(logits, targets, class_weights, valid)
         if name == "bce_dice":
             loss = loss + dice_weight * soft_dice_loss(

@@ -14,8 +14,8 @@ import ml_collections
 import optax
 
 from dermseg_jax import models
+from dermseg_jax.models import GROUPS
 
-GROUPS = ("l1", "l2", "l3", "aspp", "decoder")
 SCHEDULES = ("constant", "thesis_step", "step_per_epoch", "warmup_cosine")
 _FROZEN = "frozen"
 

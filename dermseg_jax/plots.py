@@ -151,12 +151,13 @@ def plot_confusion_matrix(
     path: str | pathlib.Path,
     *,
     class_names: Sequence[str] = labels.CLASS_NAMES,
-    title: str = "Pixel confusion matrix (rows: truth, normalised per row)",
+    title: str = "Pixel confusion matrix, raw argmax (rows: truth, normalised per row)",
 ) -> None:
     """The confusion matrix normalised per row (truth), annotated with percentages and counts.
 
     Args:
-        matrix: [C, C] pixel counts, rows = true class, columns = predicted class.
+        matrix: [C, C] pixel counts, rows = true class, columns = predicted class (the raw
+            argmax, `metrics.ThesisMetrics`).
         path: output PNG file.
         class_names: C names.
         title: figure title.

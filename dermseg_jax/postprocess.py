@@ -1,12 +1,13 @@
-"""Host-side post-processing: scores -> binary structure masks (NumPy / OpenCV).
+"""The one mask decision: network scores -> binary masks, on the host (NumPy / OpenCV).
+
+Every path from scores to masks goes through `decide_masks`: both heads, both evaluation
+protocols (`evaluator.Evaluator`, used by training and `evaluate`) and `predict` (through
+`inference.full_size_masks`), so evaluate and predict write exactly the same masks.
 
 The thesis' rule (SEED_SPEC "Post-processing and metrics"): argmax over the six softmax
 channels, one-hot, multiplied by the lesion mask, then per channel a morphological opening
-(erode, then dilate; square kernel; one iteration) with the sizes `THESIS_OPENING_SIZES_6`.
-A kernel size of 1 leaves a channel unchanged. For the sigmoid head, per-structure thresholds
-replace the argmax.
-
-Channel order is `labels.CLASS_NAMES` (6 channels) / `labels.STRUCTURE_NAMES` (5 channels).
+(erode, then dilate; square kernel; one iteration) with `THESIS_OPENING_SIZES`. The sigmoid
+head replaces the argmax by per-structure thresholds. Channel order: `labels.CLASS_NAMES`.
 """
 
 from collections.abc import Sequence
@@ -16,10 +17,10 @@ import numpy as np
 
 from dermseg_jax import labels
 
-# Opening kernel sizes for [others, cysts, neg. net, pig. net, streaks, globules] (the thesis).
-THESIS_OPENING_SIZES_6 = (1, 21, 21, 15, 5, 15)
-# The same for the five structures only.
-THESIS_OPENING_SIZES = THESIS_OPENING_SIZES_6[1:]
+# Opening kernel sizes for [cysts, neg. net, pig. net, streaks, globules] (the thesis; its
+# "others" channel has size 1, i.e. it is never opened).
+THESIS_OPENING_SIZES = (21, 21, 15, 5, 15)
+HEADS = ("softmax", "sigmoid")
 
 
 def morphological_opening(masks: np.ndarray, kernel_sizes: Sequence[int]) -> np.ndarray:
@@ -48,124 +49,87 @@ def morphological_opening(masks: np.ndarray, kernel_sizes: Sequence[int]) -> np.
         size = int(size)
         if size < 1:
             raise ValueError(f"kernel sizes must be >= 1, got {size} for channel {channel}")
-        if size == 1:
-            continue
-        kernel = np.ones((size, size), np.uint8)
-        out[..., channel] = cv2.morphologyEx(
-            np.ascontiguousarray(out[..., channel]), cv2.MORPH_OPEN, kernel
-        )
+        if size > 1:
+            kernel = np.ones((size, size), np.uint8)
+            out[..., channel] = cv2.morphologyEx(
+                np.ascontiguousarray(out[..., channel]), cv2.MORPH_OPEN, kernel
+            )
     return out
 
 
-def _lesion_2d(lesion: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
-    if lesion is None:
-        return None
-    lesion = np.asarray(lesion)
-    if lesion.ndim == 3 and lesion.shape[-1] == 1:
-        lesion = lesion[..., 0]
-    if lesion.shape != shape:
-        raise ValueError(f"lesion mask shape {lesion.shape} does not match the image {shape}")
-    return (lesion != 0).astype(np.uint8)
-
-
-def _map_images(fn, scores: np.ndarray, lesion: np.ndarray | None) -> np.ndarray:
-    """Applies a per-image fn to [H, W, C] or, image by image, to [B, H, W, C]."""
-    if scores.ndim == 3:
-        return fn(scores, lesion)
-    if scores.ndim == 4:
-        lesions = [None] * len(scores) if lesion is None else lesion
-        return np.stack([fn(s, m) for s, m in zip(scores, lesions, strict=True)])
-    raise ValueError(f"scores must be [H, W, C] or [B, H, W, C], got shape {scores.shape}")
-
-
-def predict_classes_softmax(
-    scores: np.ndarray,
-    lesion: np.ndarray | None = None,
-    opening: Sequence[int] | None = THESIS_OPENING_SIZES_6,
-) -> np.ndarray:
-    """The thesis' six-channel prediction: argmax -> one-hot -> x lesion -> opening.
-
-    Args:
-        scores: [H, W, 6] (or [B, H, W, 6]) softmax probabilities or logits (same argmax).
-        lesion: [H, W] (or [H, W, 1], or batched) lesion mask in {0, 1}, or None.
-        opening: six kernel sizes (thesis `THESIS_OPENING_SIZES_6`), or None for no opening.
-
-    Returns:
-        uint8 [H, W, 6] (or [B, H, W, 6]) in {0, 1}; at most one channel set per pixel, none
-        outside the lesion or where the opening removed the pixel.
-    """
-    scores = np.asarray(scores)
-
-    def one_image(s, m):
-        num_classes = s.shape[-1]
-        one_hot = np.eye(num_classes, dtype=np.uint8)[np.argmax(s, axis=-1)]
-        m = _lesion_2d(m, s.shape[:2])
-        if m is not None:
-            one_hot *= m[..., None]
-        if opening is not None:
-            one_hot = morphological_opening(one_hot, opening)
-        return one_hot
-
-    return _map_images(one_image, scores, lesion)
-
-
-def predict_masks_softmax(
-    scores: np.ndarray,
-    lesion: np.ndarray | None = None,
-    opening: Sequence[int] | None = THESIS_OPENING_SIZES,
-) -> np.ndarray:
-    """Structure masks from the softmax head (the thesis' rule, "others" dropped).
-
-    Args:
-        scores: [H, W, 6] (or [B, H, W, 6]) softmax probabilities or logits.
-        lesion: [H, W] (or [H, W, 1], or batched) lesion mask in {0, 1}, or None.
-        opening: five kernel sizes for the structures (thesis `THESIS_OPENING_SIZES`), or None.
-
-    Returns:
-        uint8 [H, W, 5] (or [B, H, W, 5]) structures in {0, 1}.
-    """
-    scores = np.asarray(scores)
+def _decide_softmax(scores: np.ndarray, notebook_one_hot: bool) -> np.ndarray:
     if scores.shape[-1] != labels.NUM_CLASSES:
         raise ValueError(f"softmax scores need {labels.NUM_CLASSES} channels, got {scores.shape}")
-    opening6 = None if opening is None else (1, *opening)
-    return predict_classes_softmax(scores, lesion, opening6)[..., 1:]
+    one_hot = np.eye(labels.NUM_CLASSES, dtype=np.uint8)[np.argmax(scores, axis=-1)]
+    if notebook_one_hot:
+        # Thesis defect 6: a one-hot for labels 1..6 applied to classes 0..5.
+        one_hot = np.concatenate([one_hot[..., 1:], np.zeros_like(one_hot[..., :1])], axis=-1)
+    return one_hot
 
 
-def predict_masks_sigmoid(
-    probs: np.ndarray,
-    thresholds: float | Sequence[float] = 0.5,
-    lesion: np.ndarray | None = None,
-    opening: Sequence[int] | None = THESIS_OPENING_SIZES,
-    from_logits: bool = False,
-) -> np.ndarray:
-    """Structure masks from the sigmoid head: probability > threshold -> x lesion -> opening.
-
-    Args:
-        probs: [H, W, 5] (or [B, H, W, 5]) probabilities, or logits with `from_logits=True`.
-        thresholds: one threshold or five (per structure), on probabilities.
-        lesion: [H, W] (or [H, W, 1], or batched) lesion mask in {0, 1}, or None.
-        opening: five kernel sizes, or None for no opening.
-        from_logits: apply the sigmoid first.
-
-    Returns:
-        uint8 [H, W, 5] (or [B, H, W, 5]) structures in {0, 1}.
-    """
-    probs = np.asarray(probs, np.float64)
+def _decide_sigmoid(probs: np.ndarray, threshold: float | Sequence[float]) -> np.ndarray:
     if probs.shape[-1] != labels.NUM_STRUCTURES:
         raise ValueError(
-            f"sigmoid scores need {labels.NUM_STRUCTURES} channels, got shape {probs.shape}"
+            f"sigmoid probabilities need {labels.NUM_STRUCTURES} channels, got {probs.shape}"
         )
-    if from_logits:
-        probs = 1.0 / (1.0 + np.exp(-probs))
-    thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (labels.NUM_STRUCTURES,))
+    thresholds = np.broadcast_to(np.asarray(threshold, np.float32), (labels.NUM_STRUCTURES,))
+    if probs.dtype == np.uint8:
+        thresholds = thresholds * 255.0
+    # Compared in the input's dtype: a full-size uint8 map stays at one byte per pixel.
+    structures = (probs > thresholds).astype(np.uint8)
+    return np.concatenate([np.zeros_like(structures[..., :1]), structures], axis=-1)
 
-    def one_image(p, m):
-        masks = (p > thresholds).astype(np.uint8)
-        m = _lesion_2d(m, p.shape[:2])
-        if m is not None:
-            masks *= m[..., None]
-        if opening is not None:
-            masks = morphological_opening(masks, opening)
-        return masks
 
-    return _map_images(one_image, probs, lesion)
+def decide_masks(
+    scores: np.ndarray,
+    *,
+    head: str,
+    threshold: float | Sequence[float] = 0.5,
+    opening_sizes: Sequence[int] | None = None,
+    lesion: np.ndarray | None = None,
+    notebook_one_hot: bool = False,
+) -> np.ndarray:
+    """The mask decision of one image: decide per pixel, keep inside the lesion, open.
+
+    Args:
+        scores: [H, W, C] probabilities, float in [0, 1] or uint8 in 0..255. Softmax (C = 6):
+            the argmax class (logits give the same); sigmoid (C = 5): probability > threshold.
+        head: 'softmax' or 'sigmoid'.
+        threshold: sigmoid threshold(s) in [0, 1], one or one per structure.
+        opening_sizes: 5 kernel sizes for the structures, in pixels of `scores` ("others" is
+            never opened); None = no opening.
+        lesion: [H, W] (or [H, W, 1]) mask; every channel is kept only inside it. None = all.
+        notebook_one_hot: thesis defect 6 (softmax only): the argmax one-hot encoded as the
+            notebook's Jaccard code does, for labels 1..6: class c lands in channel c - 1 and
+            class 0 in none.
+
+    Returns:
+        uint8 [H, W, 6] in {0, 1}: channel 0 "others" (softmax: argmax 0; sigmoid: no
+        structure decided), channels 1..5 the structures; `[..., 1:]` are the structure masks.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be [H, W, C], got shape {scores.shape}")
+    if head not in HEADS:
+        raise ValueError(f"Unknown model head {head!r}; expected one of {HEADS}.")
+    if notebook_one_hot and head != "softmax":
+        raise ValueError("The notebook's one-hot (thesis defect 6) needs the softmax head.")
+    if head == "softmax":
+        masks = _decide_softmax(scores, notebook_one_hot)
+    else:
+        masks = _decide_sigmoid(scores, threshold)
+    inside = None
+    if lesion is not None:
+        lesion = np.asarray(lesion)
+        if lesion.shape not in (scores.shape[:2], (*scores.shape[:2], 1)):
+            raise ValueError(f"lesion mask {lesion.shape} does not match the image {scores.shape}")
+        inside = (lesion.reshape(scores.shape[:2]) != 0).astype(np.uint8)
+        masks *= inside[..., None]
+    if opening_sizes is not None:
+        masks = morphological_opening(masks, (1, *opening_sizes))
+    if head == "sigmoid":
+        # "Others": no structure left after the opening (inside the lesion, when given).
+        masks[..., 0] = masks[..., 1:].max(axis=-1) == 0
+        if inside is not None:
+            masks[..., 0] *= inside
+    return masks

@@ -9,30 +9,38 @@ For every image (JPEG or PNG; a directory is searched for *.jpg, *.jpeg, *.png) 
 the image's ORIGINAL size, which is what `isic_challenge_scoring.task2.score` reads; and
 `OUT/overlays/<id>_overlay.png`, the image with the predicted structures painted on. `<id>` is
 the `ISIC_<7 digits>` in the file name, else the file stem. The network sees the automatic
-lesion crop of each image, resized and padded as at evaluation (`pipeline.preprocess_for_inference`);
-post-processing is the evaluator's (`inference.full_size_masks`), so the files score exactly as
-`python -m dermseg_jax.evaluate` reports at original size. Unreadable images are reported
-(file and problem) and skipped; the exit status is 1 if any was skipped.
+lesion crop of each image, resized and padded as at evaluation
+(`eval_pipeline.inference_preprocessor`, traced once for all images); post-processing is the
+evaluator's (`inference.full_size_masks`), so the files score exactly as
+`python -m dermseg_jax.evaluate` reports at original size.
+
+Nothing is dropped silently. Before the model loads, the inputs are checked: a named path that
+does not exist, a directory without images, two files with the same id (`X.jpg`, `X.JPEG`: their
+masks would overwrite each other) or an `--out` that is a file stop the command with one line
+(exit status 2). An image that cannot be read (corrupt, a broken link, a directory named `*.jpg`)
+is reported with its problem and skipped, and the exit status is then 1. 16-bit PNGs are scaled
+to 8 bits (the high byte, as TensorFlow decodes them).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pathlib
-import re
 import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from PIL import Image, UnidentifiedImageError
 
-from dermseg_jax import compilation_cache, evaluate, inference, labels
+from dermseg_jax import cli, compilation_cache, inference, loading, submission, tiling
+from dermseg_jax.errors import UserError
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the CLI flags (only when run as a program, so importing defines none)."""
-    evaluate.define_checkpoint_flags(flag_values)
+    cli.define_checkpoint_flags(flag_values)
     flags.DEFINE_list(
         "images",
         None,
@@ -44,59 +52,86 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool(
         "tta", None, "Flip test-time augmentation (default: the config's).", flag_values=flag_values
     )
-    flags.DEFINE_integer("batch_size", 4, "Images per network call.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "batch_size", 4, "Images per network call.", lower_bound=1, flag_values=flag_values
+    )
     flags.DEFINE_string(
         "config",
         None,
         "Config file whose data/eval sections to use (default: the run's config.json, or "
-        "configs/default.py for a model directory).",
+        "dermseg_jax/configs/default.py for a model directory).",
         flag_values=flag_values,
     )
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_ISIC_ID = re.compile(r"ISIC_\d{7}")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An input image cannot be read; the message names the file and the problem."""
 
 
-def image_id(path: str | pathlib.Path) -> str:
-    """The ISIC id (`ISIC_<7 digits>`) contained in a file name, else the file stem."""
-    path = pathlib.Path(path)
-    match = _ISIC_ID.search(path.name)
-    return match.group(0) if match else path.stem
-
-
 def list_images(inputs: Sequence[str]) -> list[pathlib.Path]:
-    """Expands files and directories into a sorted list of image files (no duplicates).
+    """Expands files and directories into a sorted list of image files with distinct ids.
 
     Args:
-        inputs: file or directory paths. Directories contribute their *.jpg, *.jpeg and *.png
-            files (any letter case, not recursive). Named files are kept whatever their suffix,
-            so that a wrong file is reported rather than silently ignored.
+        inputs: file or directory paths. Directories contribute every entry named *.jpg, *.jpeg
+            or *.png (any letter case, not recursive), also a broken link or a folder so named,
+            which `read_image` then reports. Named files are kept whatever their suffix, so that
+            a wrong file is reported rather than silently ignored.
 
     Returns:
         Image paths.
 
     Raises:
-        FileNotFoundError: a named path does not exist.
+        UserError: a named path does not exist, a directory holds no image, or two files have
+            the same `submission.image_id`.
     """
     paths: list[pathlib.Path] = []
     for item in inputs:
         path = pathlib.Path(item).expanduser()
         if path.is_dir():
-            paths.extend(
-                sorted(
-                    p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(
+                    f"{path}: no *.jpg, *.jpeg or *.png file in this directory",
+                    hint="check --images",
                 )
-            )
-        elif path.exists():
+            paths.extend(found)
+        elif path.exists() or path.is_symlink():
             paths.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
-    return list(dict.fromkeys(paths))
+            raise UserError(f"{path}: no such file or directory", hint="check --images")
+    paths = list(dict.fromkeys(paths))
+    _check_unique_ids(paths)
+    return paths
+
+
+def _check_unique_ids(paths: Sequence[pathlib.Path]) -> None:
+    first: dict[str, pathlib.Path] = {}
+    for path in paths:
+        ident = submission.image_id(path)
+        if ident in first:
+            raise UserError(
+                f"{first[ident]} and {path} have the same image id {ident}: their masks would "
+                "overwrite each other",
+                hint="rename or remove one of them",
+            )
+        first[ident] = path
+
+
+def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
+    """The output directory `out` (not created yet).
+
+    Raises:
+        UserError: if `out` exists and is not a directory.
+    """
+    out_dir = pathlib.Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(
+            f"--out={out}: exists and is not a directory", hint="pass a directory to --out"
+        )
+    return out_dir
 
 
 def read_image(path: str | pathlib.Path) -> np.ndarray:
@@ -105,7 +140,10 @@ def read_image(path: str | pathlib.Path) -> np.ndarray:
     PIL first decodes the whole file to catch truncated or corrupt files (TensorFlow would fill
     a truncated JPEG with grey); TensorFlow then decodes the pixels that are returned, because
     its JPEG decoder differs from libjpeg's default by a few levels and the network was trained
-    and is evaluated on TensorFlow-decoded images. EXIF orientation is ignored, as in ISIC.
+    and is evaluated on TensorFlow-decoded images. TensorFlow reads every PNG bit depth and
+    scales 16-bit samples to 8 bits (`>> 8`); PIL converts the JPEG modes it cannot read (CMYK),
+    and other formats with more than 8 bits are refused rather than clipped. EXIF orientation is
+    ignored, as in ISIC.
 
     Args:
         path: a JPEG or PNG file.
@@ -114,27 +152,37 @@ def read_image(path: str | pathlib.Path) -> np.ndarray:
         uint8 [H, W, 3].
 
     Raises:
-        ImageReadError: missing, unreadable, truncated or not an image.
+        ImageReadError: missing, a broken link, a directory, unreadable, truncated or not an
+            image.
     """
     import tensorflow as tf
 
     path = pathlib.Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(f"{path}: broken symbolic link (to {os.readlink(path)})")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: a directory, not an image file")
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            mode = im.mode
+            mode, fmt = im.mode, im.format
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a JPEG or PNG image (cannot identify it)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{path}: cannot decode image: {e}") from None
+    if fmt != "PNG" and mode.startswith(("I", "F")):
+        raise ImageReadError(
+            f"{path}: {fmt} image with {mode} pixels (more than 8 bits); only PNG is converted",
+            hint="save it as a PNG or an 8-bit JPEG",
+        )
     try:
-        if mode in ("RGB", "L", "RGBA", "LA", "P"):
+        if fmt == "PNG" or mode in ("RGB", "L"):
             image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
         else:
-            # CMYK, 16-bit and other modes TensorFlow cannot decode: PIL's conversion.
+            # CMYK and other 8-bit modes TensorFlow cannot decode: PIL's conversion.
             with Image.open(io.BytesIO(data)) as im:
                 image = np.asarray(im.convert("RGB"))
     except tf.errors.OpError as e:
@@ -142,24 +190,6 @@ def read_image(path: str | pathlib.Path) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
         raise ImageReadError(f"{path}: unexpected image shape {image.shape}")
     return image
-
-
-def submission_filename(image_id_: str, structure: str) -> str:
-    """ISIC 2018 Task 2 file name of one structure mask."""
-    return f"{image_id_}_attribute_{structure}.png"
-
-
-def write_submission(out_dir: pathlib.Path, image_id_: str, masks: np.ndarray) -> None:
-    """Writes the five 0/255 single-channel PNG masks of one image.
-
-    Args:
-        out_dir: output directory.
-        image_id_: the image's id.
-        masks: [H, W, 5] in {0, 1}, `labels.STRUCTURE_NAMES` order.
-    """
-    for k, name in enumerate(labels.STRUCTURE_NAMES):
-        mask = np.where(masks[..., k] > 0, 255, 0).astype(np.uint8)
-        Image.fromarray(mask).save(out_dir / submission_filename(image_id_, name))
 
 
 def _batches(paths: Sequence[pathlib.Path], size: int) -> Iterator[list[pathlib.Path]]:
@@ -187,58 +217,68 @@ def run_predict(
         checkpoint: 'best', 'latest' or a step (training workdir only).
         tta: flip test-time augmentation; None = the config's `eval.tta`.
         batch_size: images per network call (their full-size decodes are held together).
-        config_path: config file for the data/eval sections (see `evaluate.load_run`).
+        config_path: config file for the data/eval sections (see `loading.load_run`).
         progress: show a tqdm progress bar.
 
     Returns:
         {'written': [ids], 'failed': [(file, problem)]}.
+
+    Raises:
+        UserError: bad inputs (see `list_images`, `check_out_dir`) or run, before anything is
+            written.
     """
+    paths = list_images(images)
+    out_dir = check_out_dir(out)
+    # Imported once the inputs are known to be usable: bad inputs fail within a second or two.
     from tqdm import tqdm
 
     from dermseg_jax import plots
-    from dermseg_jax.data import pipeline
+    from dermseg_jax.data import eval_pipeline
 
-    run = evaluate.load_run(workdir, checkpoint=checkpoint, config_path=config_path)
+    run = loading.load_run(workdir, checkpoint=checkpoint, config_path=config_path)
     settings = inference.PostprocessSettings.from_config(run.config, tta=tta)
     predict_fn = inference.create_predict_fn(run.model, head=settings.head, tta=settings.tta)
-    out_dir = pathlib.Path(out)
+    preprocess = eval_pipeline.inference_preprocessor(run.config.data)
+    tiles = tiling.TileSettings.from_config(run.config.data, run.config.eval)
+    tiler = tiles and tiling.TiledPredictor(run.config.data, tiles, batch_size=batch_size)
     (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    paths = list_images(images)
     written: list[str] = []
     failed: list[tuple[str, str]] = []
-    seen: dict[str, pathlib.Path] = {}
     bar = tqdm(total=len(paths), unit="image", disable=not progress)
     for chunk in _batches(paths, max(1, batch_size)):
         loaded = []
         for path in chunk:
-            ident = image_id(path)
             try:
-                if ident in seen:
-                    raise ImageReadError(f"{path}: same id {ident} as {seen[ident]}")
                 image = read_image(path)
-                prepared = pipeline.preprocess_for_inference(image, run.config.data)
-            except (ImageReadError, ValueError) as e:
-                logging.warning("Skipping %s", e)
-                print(f"skipped: {e}", file=sys.stderr)
+            except ImageReadError as e:
+                bar.write(f"skipped: {e}", file=sys.stderr)
                 failed.append((str(path), str(e)))
                 bar.update(1)
                 continue
-            seen[ident] = path
-            loaded.append((ident, image, prepared))
+            loaded.append((submission.image_id(path), image, preprocess(image)))
         if not loaded:
             continue
-        probs = np.asarray(predict_fn(run.variables, np.stack([p["image"] for _, _, p in loaded])))
-        for (ident, image, prepared), prob in zip(loaded, probs, strict=True):
+        if tiler is None:
+            probs = predict_fn(run.variables, np.stack([p["image"] for _, _, p in loaded]))
+            probs = np.asarray(probs)
+        for i, (ident, image, prepared) in enumerate(loaded):
+            if tiler is None:
+                prob, hw = probs[i], prepared["resized_size"]
+            else:  # eval.inference='tiles': the crop at the training scale, tile by tile
+                prob = tiler.probabilities(
+                    lambda x: predict_fn(run.variables, x), image, prepared["crop_box"]
+                )
+                hw = prob.shape[:2]
             masks = inference.full_size_masks(
                 prob,
                 prepared["crop_box"],
-                prepared["resized_size"],
+                hw,
                 image.shape[:2],
                 head=settings.head,
                 threshold=settings.threshold,
                 opening_sizes=settings.opening_sizes,
             )
-            write_submission(out_dir, ident, masks)
+            submission.write_isic2018_masks(out_dir, ident, masks)
             Image.fromarray(plots.overlay_masks(image, masks)).save(
                 out_dir / "overlays" / f"{ident}_overlay.png"
             )
@@ -247,7 +287,7 @@ def run_predict(
     bar.close()
     print(
         f"predict: {len(written)} image(s) written to {out_dir}, {len(failed)} skipped"
-        + "".join(f"\n  skipped {name}: {problem}" for name, problem in failed)
+        + "".join(f"\n  skipped {problem}" for _, problem in failed)
     )
     return {"written": written, "failed": failed}
 
@@ -271,4 +311,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=evaluate.parse_flags)
+    cli.run(main, flags_parser=cli.parse_flags)

@@ -5,6 +5,11 @@ with running statistics) every variant is warmed up (its first step, compile inc
 timed), then all variants run one step in turn for `--steps` interleaved rounds (A B A B ...);
 the tables report medians. Before any timing an equivalence check compares both frameworks on
 the same weights and batch and stops the run (exit status 2) when they disagree.
+Variants: `benchmarking.VARIANTS`. On a GPU (default set `GPU_VARIANTS`) JAX runs float32 and
+bfloat16 with each `model.kernels` ('xla', 'cpu_tuned'), PyTorch channels_last with
+cudnn.benchmark in eager float32, AMP bfloat16 and torch.compile; the JSON's `machine.precision`
+records both frameworks' TF32 settings, and MFU uses the TF32 peak where float32 convolutions
+may use it. `scripts/device_check.sh` is the time-boxed GPU run of the same steps.
 
 Peak memory: host RSS on the CPU, measured per variant in a fresh subprocess so that the other
 variants' allocations do not count (both frameworks are imported there, and only the measured
@@ -43,14 +48,20 @@ import sys
 import tempfile
 import time
 
+import _process as proc
 import torch  # noqa: F401  (torchvision before TensorFlow; here: before JAX's plugins)
 
 from dermseg_jax import benchmarking as bm
 from dermseg_jax import compilation_cache
+from dermseg_jax.configs import thesis
 
 GPU_PLAN = {128: (8, 24, 64), 256: (8, 24), 512: (4, 8)}
 CPU_PLAN = {128: (2,), 256: (1,)}
-GPU_VARIANTS = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp_bf16", "torch_compile_f32")
+# Every GPU variant of PyTorch runs channels_last with cudnn.benchmark (`benchmarking`).
+GPU_VARIANTS = (
+    *("jax_bf16_xla", "jax_bf16_cpu_tuned", "jax_f32_xla", "jax_f32_cpu_tuned"),
+    *("torch_f32", "torch_amp_bf16", "torch_compile_f32", "torch_compile_amp_bf16"),
+)
 CPU_VARIANTS = ("jax_f32", "torch_f32")
 MODES = ("train", "infer")
 
@@ -73,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         nargs=2,
         metavar=("FLOAT32", "BFLOAT16"),
-        help="device peak TFLOP/s for MFU (default: data sheet of a known GPU; none on CPU)",
+        help="device peak TFLOP/s for MFU (default: data sheet of a known GPU, TF32 where a "
+        "framework's float32 convolutions use it; none on CPU)",
     )
     p.add_argument("--out", default="benchmark.json")
     p.add_argument("--worker", choices=("memory", "devices", "input"), help=argparse.SUPPRESS)
@@ -85,18 +97,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_step(variant, mode, net, variables, batch, width, device):
     """A warmed-up-able run() for one variant and mode, plus its jitted fn (JAX) or None."""
-    if variant.startswith("jax"):
-        dtype = "bfloat16" if variant == "jax_bf16" else "float32"
-        deconv = "xla" if variant == "jax_f32_xla_deconv" else "subpixel"
-        config = bm.training_config(width, dtype, deconv)
+    s = bm.variant_settings(variant)
+    config = bm.training_config(thesis.get_config(), width, s["dtype"], s["kernels"] or "auto")
+    if s["framework"] == "jax":
         make = bm.jax_train_step_fn if mode == "train" else bm.jax_infer_fn
-        run = make(
-            config, variables, batch, compiler_options=bm.VARIANT_COMPILER_OPTIONS.get(variant)
-        )
+        run = make(config, variables, batch)
         return run, run.jitted
-    amp, compiled = variant == "torch_amp_bf16", variant == "torch_compile_f32"
+    amp, compiled = s["amp"], s["compiled"]
     if mode == "train":
-        config = bm.training_config(width)
         return bm.torch_train_step_fn(net, config, batch, device, amp=amp, compiled=compiled), None
     return bm.torch_infer_fn(net, batch, device, amp=amp, compiled=compiled), None
 
@@ -126,7 +134,7 @@ def memory_worker(a) -> dict:
     jax.monitoring.register_event_listener(
         lambda event, **_: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None
     )
-    baseline = bm.peak_rss_bytes()
+    baseline = proc.peak_rss_bytes()
     size, batch_size = a.size[0], a.batch[0]
     net, variables = bm.build_pair(a.width)
     run, _ = make_step(
@@ -139,14 +147,14 @@ def memory_worker(a) -> dict:
     start = time.perf_counter()
     run()
     first = time.perf_counter() - start
-    first_peak = bm.peak_rss_bytes()
+    first_peak = proc.peak_rss_bytes()
     step_peak = None
-    bm.release_free_heap()  # for both frameworks alike: compile-time garbage is not a step's
+    proc.release_free_heap()  # for both frameworks alike: compile-time garbage is not a step's
     faults = None
-    if bm.reset_peak_rss():
+    if proc.reset_peak_rss():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run()
-        step_peak = bm.peak_rss_bytes()
+        step_peak = proc.peak_rss_bytes()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     framework = "jax" if a.variant.startswith("jax") else "torch"
     return {
@@ -154,7 +162,7 @@ def memory_worker(a) -> dict:
         "step_peak_rss_bytes": step_peak,
         "step_minor_page_faults": faults,
         "rss_after_imports_bytes": baseline,
-        "device_peak_bytes": bm.device_peak_memory(framework) if a.device == "gpu" else None,
+        "device_peak_bytes": proc.device_peak_memory(framework) if a.device == "gpu" else None,
         "first_step_s": first,
         "compilation_cache_hits": len(hits),
     }
@@ -166,9 +174,8 @@ def devices_worker(a) -> dict:
 
     size, batch_size = a.size[0], a.batch[0]
     _, variables = bm.build_pair(a.width)
-    run = bm.jax_train_step_fn(
-        bm.training_config(a.width), variables, bm.make_batch(batch_size, size)
-    )
+    config = bm.training_config(thesis.get_config(), a.width)
+    run = bm.jax_train_step_fn(config, variables, bm.make_batch(batch_size, size))
     run()
     times = bm.time_interleaved({"jax": run}, a.steps)["jax"]
     step_s = statistics.median(times)
@@ -185,7 +192,7 @@ def input_worker(a) -> dict:
     """Child process: the tf.data training pipeline on the built-in synthetic set."""
     import tempfile
 
-    from configs import default
+    from dermseg_jax.configs import default
     from dermseg_jax.data import pipeline
 
     size, batch_size = a.size[0], a.batch[0]
@@ -208,16 +215,21 @@ def input_worker(a) -> dict:
     return {"size": size, "batch": batch_size, "images_per_s": n * batch_size / seconds}
 
 
-def compute_dtype(variant: str) -> str:
-    return "bfloat16" if "bf16" in variant else "float32"
+def arithmetic(variant: str) -> str:
+    """'bfloat16', or the float32 arithmetic the variant's framework is set to ('tf32')."""
+    s = bm.variant_settings(variant)
+    if s["dtype"] == "bfloat16" or s["amp"]:
+        return "bfloat16"
+    return proc.float32_arithmetic(s["framework"])
 
 
 def peak_for(a, machine: dict, variant: str) -> float | None:
-    """Peak TFLOP/s of the device for a variant's compute dtype (None: unknown, no MFU)."""
+    """Peak TFLOP/s of the device for a variant's arithmetic (None: unknown, no MFU)."""
+    kind = arithmetic(variant)
     if a.peak_tflops:
-        return a.peak_tflops[compute_dtype(variant) == "bfloat16"]
+        return a.peak_tflops[kind == "bfloat16"]
     if a.device == "gpu":
-        return bm.peak_tflops(machine.get("torch_device", ""), compute_dtype(variant))
+        return proc.peak_tflops(machine.get("torch_device", ""), kind)
     return None
 
 
@@ -249,7 +261,8 @@ def run_configuration(a, size, batch_size, net, variables, variants, machine) ->
                 "batch": batch_size,
                 "mode": mode,
                 "variant": variant,
-                "framework": variant.split("_")[0],
+                **bm.variant_settings(variant),
+                "arithmetic": arithmetic(variant),
                 "images_per_s": batch_size / step_s,
                 "step_s_median": step_s,
                 "step_s_samples": samples[variant],
@@ -264,7 +277,7 @@ def run_configuration(a, size, batch_size, net, variables, variants, machine) ->
                 # Exactly one compilation per shape: the timed steps must all hit the cache.
                 row["jit_cache_size"] = jitted[variant]._cache_size()
             if a.memory == "inprocess" and a.device == "gpu":
-                row["device_peak_bytes"] = bm.device_peak_memory(row["framework"])
+                row["device_peak_bytes"] = proc.device_peak_memory(row["framework"])
             if a.memory == "subprocess":
                 args = [
                     "--worker",
@@ -381,7 +394,7 @@ def _benchmark(a) -> int:
     if gpu and a.memory == "inprocess":
         notes.append("GPU memory in-process: JAX's peak_bytes_in_use is a process-wide peak.")
     result = {
-        "machine": bm.machine_description(a.device),
+        "machine": proc.machine_description(a.device),
         "settings": {
             "width": a.width,
             "steps": a.steps,
@@ -396,7 +409,9 @@ def _benchmark(a) -> int:
     net, variables = bm.build_pair(a.width)
     check_size = min(plan)
     try:
-        eq = bm.check_equivalence(net, variables, bm.make_batch(2, check_size, seed=1))
+        eq = bm.check_equivalence(
+            net, variables, bm.make_batch(2, check_size, seed=1), thesis.get_config()
+        )
     except bm.EquivalenceError as e:
         print(f"EQUIVALENCE CHECK FAILED: {e}", file=sys.stderr)
         return 2

@@ -3,12 +3,11 @@
 Forward and forward + backward (input and kernel gradients) of the decoder's transposed
 convolutions (l5 k3, l6 k7, l7 k7, stride 2), of the 3x3 convolutions at the two largest
 resolutions and of training-mode BatchNorm + ReLU on the two largest maps, at the shapes of a
-128x128 input, float32, medians of `--steps` runs. JAX variants: the project's formulations
-('subpixel' transposed convolution, `conv.conv2d`, `batch_norm.batch_norm`) and XLA's textbook
-ones (`lax.conv_transpose`, `lax.conv_general_dilated`, BatchNorm written op by op and
-differentiated by JAX), all compiled with the training step's `xla_options`. This is
-how the formulations in `dermseg_jax/models/` were chosen; `scripts/benchmark.py` times the
-whole step.
+128x128 input, float32, medians of `--steps` runs. JAX variants: the two kernel sets of
+`model.kernels` (`dermseg_jax/models/kernels/`: 'cpu_tuned', the sub-pixel transposed
+convolution and hand-written backward passes, and 'xla', XLA's own operations differentiated by
+JAX), all compiled with the training step's `xla_options`. This is how the CPU formulations
+were chosen; `scripts/benchmark.py` times the whole step.
 
 COMMAND:
     .venv/bin/python scripts/benchmark_layers.py --batch 2 --steps 3
@@ -24,12 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax import lax
 
 from dermseg_jax import xla_options
-from dermseg_jax.models import transposed_conv
-from dermseg_jax.models.batch_norm import batch_norm
-from dermseg_jax.models.conv import conv2d
+from dermseg_jax.models.kernels import batch_norm, conv, transposed_conv, xla
+
+# `model.kernels` -> (conv2d, conv_transpose, batch_norm), all with the same signatures.
+KERNEL_SETS = {
+    "cpu_tuned": (conv.conv2d, transposed_conv.conv_transpose, batch_norm.batch_norm),
+    "xla": (xla.conv2d, xla.conv_transpose, xla.batch_norm),
+}
 
 # name: (input side, C_in, C_out, k, output side) at a 128x128 network input.
 DECONVS = {"l5": (13, 1056, 800, 3, 28), "l6": (28, 704, 704, 7, 61), "l7": (61, 320, 256, 7, 128)}
@@ -78,26 +80,6 @@ def torch_pair(module, x):
     return forward, backward
 
 
-def _fast_conv3x3(x, w):
-    return conv2d(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1))
-
-
-def _lax_conv3x3(x, w):
-    dims = ("NHWC", "HWIO", "NHWC")
-    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
-
-
-def _batch_norm_relu(x, scale):
-    return batch_norm(x, scale, jnp.zeros_like(scale), 1e-5, True)[0]
-
-
-def _op_by_op_batch_norm_relu(x, scale):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    var = jnp.mean(jnp.square(x - mean), axes)
-    return jax.nn.relu((x - mean) * lax.rsqrt(var + 1e-5) * scale)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=2)
@@ -105,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--xla-deconv",
         action="store_true",
-        help="also time lax.conv_transpose (its backward pass: ~10x the others, minutes at l7)",
+        help="also time the 'xla' transposed convolution (on a CPU its backward pass is ~10x "
+        "the others: minutes at l7)",
     )
     p.add_argument("--out", default=None, help="optional JSON file")
     a = p.parse_args(argv)
@@ -121,12 +104,12 @@ def main(argv=None) -> int:
     for name, (side, c_in, c_out, k, out) in DECONVS.items():
         x = rng.random((a.batch, side, side, c_in), np.float32)
         w = (rng.standard_normal((k, k, c_out, c_in)) * 0.01).astype(np.float32)
-        for impl in transposed_conv.IMPLEMENTATIONS if a.xla_deconv else ("subpixel",):
+        for kernels in ("cpu_tuned", "xla") if a.xla_deconv else ("cpu_tuned",):
 
-            def layer(x, w, impl=impl, out=out):
-                return transposed_conv.conv_transpose(x, w, 2, (out, out), impl)
+            def layer(x, w, deconv=KERNEL_SETS[kernels][1], out=out):
+                return deconv(x, w, 2, (out, out))
 
-            record(name, f"jax {impl}", jax_pair(layer, jnp.asarray(x), jnp.asarray(w)))
+            record(name, f"jax {kernels}", jax_pair(layer, jnp.asarray(x), jnp.asarray(w)))
         natural = (side - 1) * 2 + k
         module = torch.nn.ConvTranspose2d(c_in, c_out, k, 2, output_padding=out - natural)
         with torch.no_grad():
@@ -138,8 +121,12 @@ def main(argv=None) -> int:
         x = rng.random((a.batch, side, side, c_in), np.float32)
         w = (rng.standard_normal((3, 3, c_in, c_out)) * 0.01).astype(np.float32)
         xj, wj = jnp.asarray(x), jnp.asarray(w)
-        record(name, "jax conv2d", jax_pair(_fast_conv3x3, xj, wj))
-        record(name, "jax lax.conv", jax_pair(_lax_conv3x3, xj, wj))
+        for kernels, (conv2d, _, _) in KERNEL_SETS.items():
+
+            def layer(x, w, conv2d=conv2d):
+                return conv2d(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1))
+
+            record(name, f"jax {kernels}", jax_pair(layer, xj, wj))
         module = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         record(
             name,
@@ -149,12 +136,12 @@ def main(argv=None) -> int:
     for name, (side, channels) in BATCH_NORMS.items():
         x = rng.standard_normal((a.batch, side, side, channels)).astype(np.float32)
         xj, scale = jnp.asarray(x), jnp.ones((channels,), jnp.float32)
-        record(name, "jax batch_norm", jax_pair(_batch_norm_relu, xj, scale))
-        record(
-            name,
-            "jax op by op",
-            jax_pair(_op_by_op_batch_norm_relu, xj, scale),
-        )
+        for kernels, (_, _, norm) in KERNEL_SETS.items():
+
+            def layer(x, scale, norm=norm):
+                return norm(x, scale, jnp.zeros_like(scale), 1e-5, True)[0]
+
+            record(name, f"jax {kernels}", jax_pair(layer, xj, scale))
         module = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
         record(
             name,

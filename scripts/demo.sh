@@ -4,7 +4,7 @@
 # Usage: bash scripts/demo.sh [WORKDIR]   (default runs/demo; rerunning resumes or re-evaluates)
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" ""
 WORKDIR="${1:-runs/demo}"
-python -m dermseg_jax.train --config=configs/default.py --workdir="$WORKDIR"
+python -m dermseg_jax.train --config=dermseg_jax/configs/default.py --workdir="$WORKDIR"
 python -m dermseg_jax.evaluate --workdir="$WORKDIR" --checkpoint=best --split=test
 echo
 echo "[dermseg_jax] run: $WORKDIR  (metrics.jsonl, tensorboard/, checkpoints/)"

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from dermseg_jax import benchmarking as bm
 from dermseg_jax import models, profiling, sharding
+from dermseg_jax.configs import thesis
 
 
 def main() -> None:
@@ -34,11 +35,11 @@ def main() -> None:
     p.add_argument("--out", help="also write the table as JSON here")
     a = p.parse_args()
 
-    config = bm.training_config(a.width)
+    config = bm.training_config(thesis.get_config(), a.width)
     image = jnp.zeros((1, a.size, a.size, 3), jnp.float32)
     variables = models.create_model(config.model).init(jax.random.key(0), image, train=False)
     mesh = sharding.make_mesh()
-    state = bm.create_train_state(config, variables, mesh)
+    state = bm.replicated_train_state(config, variables, mesh)
     batch = sharding.shard_batch(bm.make_batch(a.batch, a.size), mesh)
     step = bm.jitted_train_step(config)
     start = time.perf_counter()

@@ -15,8 +15,8 @@ import torch  # noqa: F401  (torchvision must be imported before TensorFlow)
 import torchvision  # noqa: F401
 from absl import app, flags
 
-from configs import default
 from dermseg_jax import labels
+from dermseg_jax.configs import default
 from dermseg_jax.data import pipeline
 
 matplotlib.use("Agg")

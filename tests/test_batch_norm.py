@@ -1,4 +1,5 @@
-"""`batch_norm` (custom VJP) and `channel_sum` against the op-by-op formula and NumPy."""
+"""The CPU-tuned `batch_norm` (custom VJP) and `channel_sum` against the op-by-op formula and
+NumPy (`models/kernels/batch_norm.py`)."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from dermseg_jax import xla_options
-from dermseg_jax.models.batch_norm import batch_norm, channel_sum
+from dermseg_jax.models.kernels.batch_norm import batch_norm, channel_sum
 from dermseg_jax.models.layers import BatchNorm
 
 EPS = 1e-3
@@ -78,7 +79,8 @@ def test_bfloat16_input_gives_bfloat16_output_and_float32_statistics():
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_relu_module_equals_relu_after_batchnorm(train):
     x, *_ = inputs()
-    fused, plain = BatchNorm(epsilon=EPS, relu=True), BatchNorm(epsilon=EPS)
+    fused = BatchNorm(epsilon=EPS, relu=True, kernels="cpu_tuned")
+    plain = BatchNorm(epsilon=EPS, kernels="cpu_tuned")
     variables = fused.init(jax.random.key(0), x, use_running_average=False)
     variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-trivial params and stats
     y_fused, stats_fused = fused.apply(

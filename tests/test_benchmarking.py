@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dermseg_jax import benchmarking as bm
+from dermseg_jax.configs import thesis
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -26,7 +27,9 @@ def pair():
 
 def test_identical_weights_pass_the_equivalence_check(pair):
     net, variables = pair
-    result = bm.check_equivalence(net, variables, bm.make_batch(2, SIZE, seed=1))
+    result = bm.check_equivalence(
+        net, variables, bm.make_batch(2, SIZE, seed=1), thesis.get_config()
+    )
     assert result["logits_rel_diff"] < 1e-4
     assert result["loss_rel_diff"] < 1e-4
     # One Adam step (lr 1e-3) changes the loss, and both frameworks change it alike.
@@ -39,7 +42,7 @@ def test_a_perturbed_weight_fails_the_equivalence_check(pair):
     perturbed = jax.tree.map(np.copy, variables)
     perturbed["params"]["decoder"]["head"]["kernel"][0, 0, 0, 0] += 0.5
     with pytest.raises(bm.EquivalenceError, match="disagree"):
-        bm.check_equivalence(net, perturbed, bm.make_batch(2, SIZE, seed=1))
+        bm.check_equivalence(net, perturbed, bm.make_batch(2, SIZE, seed=1), thesis.get_config())
 
 
 def test_a_perturbed_optimizer_fails_the_equivalence_check(pair, monkeypatch):
@@ -54,7 +57,34 @@ def test_a_perturbed_optimizer_fails_the_equivalence_check(pair, monkeypatch):
 
     monkeypatch.setattr(bm, "torch_optimizer", faster_torch_adam)
     with pytest.raises(bm.EquivalenceError, match="loss_after_step_rel_diff"):
-        bm.check_equivalence(net, variables, bm.make_batch(2, SIZE, seed=1))
+        bm.check_equivalence(net, variables, bm.make_batch(2, SIZE, seed=1), thesis.get_config())
+
+
+def test_variant_names_say_framework_dtype_and_kernels():
+    assert bm.variant_settings("jax_bf16_cpu_tuned") == {
+        "framework": "jax",
+        "dtype": "bfloat16",
+        "kernels": "cpu_tuned",
+        "amp": False,
+        "compiled": False,
+    }
+    assert bm.variant_settings("jax_f32")["kernels"] == "auto"
+    torch_amp = bm.variant_settings("torch_compile_amp_bf16")
+    assert torch_amp["amp"] and torch_amp["compiled"] and torch_amp["kernels"] is None
+    assert "jax_f32_ynn_conv" not in bm.VARIANTS
+    with pytest.raises(ValueError, match="unknown variant"):
+        bm.variant_settings("jax_f32_ynn_conv")
+
+
+def test_training_config_sets_the_kernels_and_leaves_its_base_alone():
+    base = thesis.get_config()
+    config = bm.training_config(base, 0.5, "bfloat16", "xla")
+    assert (config.model.kernels, config.model.dtype, config.model.width) == (
+        "xla",
+        "bfloat16",
+        0.5,
+    )
+    assert base.model.width == 1.0 and base.model.kernels == "auto"
 
 
 def test_time_interleaved_alternates_the_variants():
@@ -69,7 +99,7 @@ def test_time_interleaved_alternates_the_variants():
 def test_train_steps_compile_once_and_both_frameworks_lower_the_loss(pair):
     net, variables = pair
     batch = bm.make_batch(2, SIZE, seed=2)
-    config = bm.training_config(WIDTH)
+    config = bm.training_config(thesis.get_config(), WIDTH)
     jax_run = bm.jax_train_step_fn(config, variables, batch)
     torch_run = bm.torch_train_step_fn(net, config, batch, "cpu")
     jax_losses = [jax_run() for _ in range(3)]
@@ -94,6 +124,14 @@ def test_script_writes_the_expected_json(tmp_path):
     for key in ("cpu_model", "cpu_cores", "jax", "torch", "device", "load_average"):
         assert key in result["machine"]
     assert result["machine"]["torch"] == torch.__version__
+    precision = result["machine"]["precision"]
+    for key in (
+        "torch_matmul_allow_tf32",
+        "torch_cudnn_allow_tf32",
+        "jax_default_matmul_precision",
+    ):
+        assert key in precision
+    assert precision["torch_float32_matmul_precision"] == torch.get_float32_matmul_precision()
     assert result["equivalence"]["loss_rel_diff"] < 1e-3
     rows = {(r["variant"], r["mode"]): r for r in result["results"]}
     assert set(rows) == {(v, m) for v in ("jax_f32", "torch_f32") for m in ("train", "infer")}
@@ -101,15 +139,9 @@ def test_script_writes_the_expected_json(tmp_path):
         assert row["images_per_s"] == pytest.approx(2 / row["step_s_median"])
         assert row["first_step_s"] > 0 and len(row["step_s_samples"]) == 1
     assert rows[("jax_f32", "train")]["jit_cache_size"] == 1
+    assert rows[("jax_f32", "train")]["kernels"] == "auto"
+    assert rows[("torch_f32", "train")]["arithmetic"] == "float32"  # no TF32 on a CPU
     assert "vs torch_f32" in proc.stdout
-
-
-def test_peak_rss_can_be_reset_to_tell_a_step_from_its_warm_up():
-    big = np.ones(300 * 2**20 // 8)  # 300 MiB touched, then freed
-    peak = bm.peak_rss_bytes()
-    del big
-    assert bm.reset_peak_rss()
-    assert bm.peak_rss_bytes() < peak - 200 * 2**20
 
 
 def test_plot_merges_runs_at_different_batch_sizes(tmp_path):

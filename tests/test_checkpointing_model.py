@@ -14,6 +14,7 @@ import pytest
 
 import dermseg_jax
 from dermseg_jax import checkpointing
+from dermseg_jax.errors import UserError
 from dermseg_jax.models import abstract_variables
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -72,23 +73,23 @@ def test_existing_directory_is_not_overwritten_silently(saved):
 
 
 def test_missing_or_broken_directories_fail_clearly(tmp_path, saved):
-    with pytest.raises(FileNotFoundError, match="nowhere: no such model directory"):
+    with pytest.raises(UserError, match="nowhere: no such model directory"):
         checkpointing.load_model(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="model_config.json is missing"):
+    with pytest.raises(UserError, match="model_config.json is missing"):
         checkpointing.load_model(tmp_path)
-    with pytest.raises(FileNotFoundError, match="is neither a model directory"):
+    with pytest.raises(UserError, match="neither a training workdir .* nor a model directory"):
         dermseg_jax.load_checkpoint(tmp_path)
     (tmp_path / "model_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="model_config.json is not valid JSON"):
+    with pytest.raises(UserError, match="model_config.json is not valid JSON"):
         checkpointing.load_model(tmp_path)
     (tmp_path / "model_config.json").write_text(json.dumps(MODEL_CFG))
-    with pytest.raises(FileNotFoundError, match="variables/ is missing"):
+    with pytest.raises(UserError, match="variables/ is missing"):
         checkpointing.load_model(tmp_path)
     # The stored arrays do not fit a config that was edited to another width.
     directory, _ = saved
     os.symlink(directory / "variables", tmp_path / "variables")
     (tmp_path / "model_config.json").write_text(json.dumps(dict(MODEL_CFG, width=0.25)))
-    with pytest.raises(ValueError, match="does not fit model_config.json"):
+    with pytest.raises(UserError, match="does not fit model_config.json"):
         checkpointing.load_model(tmp_path)
 
 
@@ -99,7 +100,7 @@ def test_encoder_only_directories_load_but_are_not_inference_models(tmp_path):
     checkpointing.save_model(tmp_path, encoder, {"encoder_only": True})
     cfg, restored = checkpointing.load_model(tmp_path)
     assert cfg.encoder_only and set(restored["params"]) == {"encoder"}
-    with pytest.raises(ValueError, match="encoder weights only"):
+    with pytest.raises(UserError, match="encoder weights only"):
         dermseg_jax.load_checkpoint(tmp_path)
 
 

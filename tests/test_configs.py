@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import default, isic2018, thesis, tiny
 from dermseg_jax import models, optim
+from dermseg_jax.configs import default, isic2018, thesis, tiny
 
 ALL = {"default": default, "thesis": thesis, "isic2018": isic2018, "tiny": tiny}
 
@@ -32,9 +32,6 @@ def test_derived_fields_follow_overrides():
     config.train.batch_size = 4
     assert config.train.steps_per_epoch == config.data.synthetic_num_train // 4
     assert config.optim.warmup_steps == config.train.steps_per_epoch
-    assert config.model.dtype == config.train.dtype
-    config.train.dtype = "bfloat16"
-    assert config.model.dtype == "bfloat16"
     # Overriding a derived field must not write through to its source.
     config.optim.warmup_steps = 3
     assert config.train.steps_per_epoch == config.data.synthetic_num_train // 4
@@ -61,6 +58,19 @@ def test_thesis_config_is_the_notebook():
     assert tuple(data.color_jitter) == (0.05,) * 4
 
 
+def test_thesis_config_validates_every_epoch_and_documents_its_commands():
+    config = thesis.get_config()
+    # The notebook validates (and freezes its BatchNorm statistics) after every epoch.
+    assert config.eval.every_steps == config.train.steps_per_epoch == 67
+    config.train.steps_per_epoch = 10
+    assert config.eval.every_steps == 10
+    doc = thesis.__doc__
+    assert "--format=isic2017-thesis" in doc and "--shorter_side=0" in doc
+    # The notebook tested its last epoch; a converted checkpoint needs the thesis' data/eval.
+    assert "evaluate --workdir=runs/thesis --checkpoint=latest" in doc
+    assert "evaluate --workdir=models/thesis --config=dermseg_jax/configs/thesis.py" in doc
+
+
 def test_thesis_learning_rate_steps_per_batch():
     config = thesis.get_config()
     schedule_fn = optim.create_schedule_fn(
@@ -74,6 +84,16 @@ def test_thesis_learning_rate_steps_per_batch():
     assert 1e-3 * float(schedule_fn(jnp.asarray(1000))) == pytest.approx(1e-3 * 0.95**200)
 
 
+def test_kernels_and_dtype_default_to_auto_where_it_pays():
+    config = default.get_config()
+    assert (config.model.kernels, config.model.dtype) == ("auto", "float32")
+    assert "dtype" not in config.train  # one compute-dtype field: model.dtype
+    # ISIC 2018 (the GPU recipe): bfloat16 compute on GPU/TPU, float32 on the CPU.
+    isic = isic2018.get_config().model
+    assert models.create_model(isic, platform="cuda").dtype == "bfloat16"
+    assert models.create_model(isic, platform="cpu").dtype == "float32"
+
+
 def test_default_fixes_the_defects():
     config = default.get_config()
     assert config.data.data_dir is None
@@ -82,3 +102,22 @@ def test_default_fixes_the_defects():
     assert not config.eval.thesis_protocol and config.data.eval_lesion_crop != "mask"
     assert not config.train.freeze_bn_stats_after_first_eval
     assert jax.tree.leaves(config.model.aspp_rates)
+
+
+def test_configs_live_in_the_package_not_under_a_top_level_name(tmp_path):
+    """Issue 14.11: installing the project must not claim the module name `configs`, which a
+    user's own code may use; the configs are `dermseg_jax.configs` and load by path too."""
+    import subprocess
+    import sys
+
+    (tmp_path / "configs.py").write_text("USER = True\n")  # a user's own module of that name
+    code = (
+        "import configs, dermseg_jax.configs.thesis as t, dermseg_jax.train as tr;"
+        "print(configs.USER, t.get_config().model.width, tr._DEFAULT_CONFIG.endswith("
+        "'dermseg_jax/configs/default.py'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "1.0", "True"]

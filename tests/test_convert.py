@@ -1,5 +1,6 @@
 """PyTorch baseline <-> Flax: numeric parity, exact round trips, converter errors and the CLI."""
 
+import argparse
 import functools
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torchvision
 
 from dermseg_jax import checkpointing, load_checkpoint
 from dermseg_jax import convert as convert_cli
+from dermseg_jax.errors import UserError
 from dermseg_jax.models import (
     InceptionUNet,
     InceptionV3Encoder,
@@ -223,22 +225,74 @@ def test_torchvision_converter_rejects_a_thesis_state_dict(narrow_state):
 def test_unreadable_files_fail_with_the_file_name(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.txt is not a PyTorch file"):
+    with pytest.raises(UserError, match="notes.txt: not a PyTorch file"):
         convert_cli.convert_thesis_checkpoint(str(text), str(tmp_path / "out"))
     no_state = tmp_path / "meta.tar"
     torch.save({"epoch": 3, "optimizer_state_dict": {}}, no_state)
-    with pytest.raises(ValueError, match="meta.tar is neither .* 'epoch'"):
+    with pytest.raises(UserError, match="meta.tar is neither .* 'epoch'"):
         convert_cli.convert_thesis_checkpoint(str(no_state), str(tmp_path / "out"))
-    pickled = tmp_path / "pickled.tar"
-    torch.save({"model_state_dict": {}, "args": _Opaque()}, pickled)
-    with pytest.raises(ValueError, match="pickled.tar .* --unsafe-allow-pickle"):
-        convert_cli.convert_thesis_checkpoint(str(pickled), str(tmp_path / "out"))
-    with pytest.raises(FileNotFoundError, match="absent.tar"):
+    with pytest.raises(UserError, match="absent.tar: no such file"):
         convert_cli.convert_thesis_checkpoint(str(tmp_path / "absent.tar"), str(tmp_path / "o"))
 
 
-class _Opaque:
-    pass
+def test_pickled_objects_are_refused_naming_the_global(tmp_path):
+    pickled = tmp_path / "pickled.tar"
+    state = {"a.weight": torch.ones(2, 3)}
+    torch.save({"model_state_dict": state, "args": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(UserError, match="pickled.tar: holds a pickled argparse.Namespace") as info:
+        convert_cli.load_torch_file(str(pickled))
+    assert "--unsafe-allow-pickle" in info.value.hint
+    loaded = convert_cli.load_torch_file(str(pickled), allow_pickle=True)
+    assert torch.equal(loaded["model_state_dict"]["a.weight"], state["a.weight"])
+
+
+def _damaged_files(folder) -> dict[str, bytes]:
+    """Files that start like torch.save output but are cut short or garbled."""
+    state = {"model_state_dict": {"a.weight": torch.ones(4, 5), "b.bias": torch.zeros(3)}}
+    torch.save(state, folder / "legacy.tar", _use_new_zipfile_serialization=False)
+    torch.save(state, folder / "zip.tar")
+    legacy = (folder / "legacy.tar").read_bytes()
+    archive = (folder / "zip.tar").read_bytes()
+    # Cut inside a GLOBAL name: torch.load(weights_only=True) then refuses "GLOBAL torch.Float"
+    # as if the file held a pickled object.
+    cut = legacy.index(b"FloatStorage") + 5
+    return {
+        "cut_in_a_global.tar": legacy[:cut],
+        "cut_in_the_storages.tar": legacy[:-7],
+        "garbled.tar": b"\x80\x02" + bytes(range(256)),
+        "cut_zip.tar": archive[: len(archive) // 2],
+    }
+
+
+def test_damaged_files_are_called_corrupt_not_pickled(tmp_path):
+    for name, data in _damaged_files(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        for allow_pickle in (False, True):
+            with pytest.raises(UserError, match=f"{name}: corrupt or truncated") as info:
+                convert_cli.load_torch_file(str(tmp_path / name), allow_pickle=allow_pickle)
+            assert "pickle" not in (info.value.hint or "") and "\n" not in str(info.value)
+
+
+def test_data_parallel_keys_and_non_finite_weights_are_reported(tmp_path, narrow_state, capsys):
+    state = {k: torch.from_numpy(np.array(v)) for k, v in narrow_state.items()}
+    state["l5.0.weight"][0, 0, 0, 0] = float("nan")
+    state["a1.0.weight"][0, :2, 0, 0] = float("inf")
+    torch.save(
+        {"model_state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "dp.tar"
+    )
+    cfg = convert_cli.convert_thesis_checkpoint(str(tmp_path / "dp.tar"), str(tmp_path / "m"))
+    assert (cfg["head"], cfg["width"]) == ("softmax", 0.125)
+    err = capsys.readouterr().err
+    assert "dp.tar: every key has the 'module.' prefix of a DataParallel model" in err
+    assert (
+        "dp.tar: non-finite values in 2 tensor(s): a1.0.weight (0 NaN, 2 inf), "
+        "l5.0.weight (1 NaN, 0 inf)" in err
+    )
+    _, variables = checkpointing.load_model(tmp_path / "m")
+    expected = convert_torch.torch_to_flax(state, NARROW_CFG)
+    np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, variables), expected)
+    mixed = {"module.l1.0.conv.weight": state["l1.0.conv.weight"], **state}
+    assert convert_torch.strip_data_parallel_prefix(mixed) == (mixed, False)
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -300,7 +354,7 @@ def test_cli_converts_a_thesis_tar_both_ways(tmp_path, capsys):
     status = convert_cli.main(
         ["--to-torch", "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "b.pt")]
     )
-    assert status == 0
+    assert status == 0 and not (tmp_path / "b.pt.partial").exists()
     exported = torch.load(tmp_path / "b.pt", map_location="cpu", weights_only=True)
     reloaded = InceptionUNetTorch(width=0.125, head="sigmoid")
     reloaded.load_state_dict(exported["model_state_dict"], strict=True)
@@ -309,10 +363,35 @@ def test_cli_converts_a_thesis_tar_both_ways(tmp_path, capsys):
             assert torch.equal(value, exported["model_state_dict"][key]), key
 
     capsys.readouterr()
-    status = convert_cli.main(
-        ["--torch-checkpoint", str(tmp_path / "model.tar"), "--out", str(tmp_path / "m")]
-    )
-    assert status == 1 and "already holds a model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        convert_cli.main(
+            ["--torch-checkpoint", str(tmp_path / "model.tar"), "--out", str(tmp_path / "m")]
+        )
+    assert info.value.code == 2 and "m already holds a model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["cut_in_a_global.tar", "pickled.tar", "existing.pt"])
+def test_cli_errors_are_one_line_and_keep_existing_files(tmp_path, case):
+    if case == "pickled.tar":
+        torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / case)
+        args, expected = ["--torch-checkpoint", str(tmp_path / case)], "argparse.Namespace"
+    elif case == "existing.pt":
+        (tmp_path / case).write_bytes(b"keep me")
+        args = ["--to-torch", "--model-dir", str(tmp_path / "m")]
+        expected = "existing.pt: already exists"
+    else:
+        (tmp_path / case).write_bytes(_damaged_files(tmp_path)[case])
+        args, expected = ["--torch-checkpoint", str(tmp_path / case)], "corrupt or truncated"
+    out = tmp_path / ("existing.pt" if case == "existing.pt" else "out")
+    result = _run_cli(*args, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("convert: error:")]
+    assert len(errors) == 1 and case in errors[0] and expected in errors[0], result.stderr
+    if case == "existing.pt":
+        assert out.read_bytes() == b"keep me"
+    else:
+        assert not out.exists()
 
 
 def test_torch_baseline_refuses_to_import_after_tensorflow():

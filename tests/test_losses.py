@@ -227,6 +227,7 @@ def test_compute_loss_dispatch_jits_with_finite_gradients(name):
             losses.sigmoid_binary_cross_entropy(logits, structures, weights, valid)
             + 0.5 * losses.soft_dice_loss(logits, structures, valid=valid)
         ),
+        "bce_log_jaccard": lambda: losses.bce_log_jaccard_loss(logits, structures, weights, valid),
     }[name]()
     np.testing.assert_allclose(loss, direct, rtol=1e-6)
 
@@ -247,3 +248,65 @@ def test_shape_errors_are_clear():
         losses.weighted_softmax_cross_entropy(logits, labels, WEIGHTS[:5])
     with pytest.raises(ValueError, match="reduction"):
         losses.weighted_softmax_cross_entropy(logits, labels, reduction="avg")
+
+
+def _np_bce_log_jaccard(logits, targets, pos_weight, valid, smooth=1.0):
+    x, t = logits.astype(np.float64), targets.astype(np.float64)
+    v = valid.astype(np.float64)[..., None]
+    p = 1.0 / (1.0 + np.exp(-x))
+    bce = -(pos_weight * t * np.log(p) + (1 - t) * np.log(1 - p))
+    bce = (bce * v).sum() / (v.sum() * x.shape[-1])
+    inter, card = (p * t * v).sum(), ((p + t) * v).sum()  # pooled over batch AND structures
+    return bce - np.log((inter + smooth) / (card - inter + smooth))
+
+
+def test_bce_log_jaccard_pools_over_batch_and_structures():
+    logits, targets, valid = _sigmoid_case(3)
+    weights = np.asarray([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
+    got = losses.bce_log_jaccard_loss(logits, targets, weights, valid)
+    np.testing.assert_allclose(got, _np_bce_log_jaccard(logits, targets, weights, valid), 1e-5)
+    # Not the mean of per-image losses, nor of per-structure Jaccards.
+    per_image = np.mean(
+        [
+            _np_bce_log_jaccard(logits[i : i + 1], targets[i : i + 1], weights, valid[i : i + 1])
+            for i in range(B)
+        ]
+    )
+    assert abs(float(got) - per_image) > 1e-3
+    per_structure = losses.sigmoid_binary_cross_entropy(logits, targets, weights, valid) - np.log(
+        1.0 - losses.soft_jaccard_loss(logits, targets, valid=valid)
+    )
+    assert abs(float(got) - float(per_structure)) > 1e-3
+
+
+def test_bce_log_jaccard_perfect_prediction_is_the_minimum():
+    logits, targets, valid = _sigmoid_case(4)
+    perfect = np.where(targets > 0, 30.0, -30.0).astype(np.float32)
+    best = float(losses.bce_log_jaccard_loss(perfect, targets, None, valid))
+    assert 0.0 <= best < 1e-6
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 1.0, 10.0):
+        other = perfect + rng.normal(scale=scale, size=perfect.shape).astype(np.float32)
+        assert float(losses.bce_log_jaccard_loss(other, targets, None, valid)) > best
+    assert float(losses.bce_log_jaccard_loss(logits, targets, None, valid)) > 0.1
+
+
+def test_bce_log_jaccard_gradient_matches_finite_differences():
+    logits, targets, valid = _sigmoid_case(5)
+    weights = np.asarray([1.0, 2.0, 0.5, 4.0, 3.0])
+    with jax.enable_x64(True):
+        x = jnp.asarray(logits, jnp.float64) / 3.0
+
+        def fn(z):
+            return losses.bce_log_jaccard_loss(z, targets, weights, valid, jaccard_weight=0.7)
+
+        grad = np.asarray(jax.grad(fn)(x))
+        assert grad.dtype == np.float64
+        rng = np.random.default_rng(1)
+        eps = 1e-6
+        for _ in range(3):  # directional derivatives along random directions
+            d = rng.normal(size=x.shape)
+            numeric = (float(fn(x + eps * d)) - float(fn(x - eps * d))) / (2 * eps)
+            np.testing.assert_allclose(np.sum(grad * d), numeric, rtol=1e-6)
+        # Masked-out pixels get no gradient.
+        assert np.all(grad[valid == 0] == 0)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dermseg_jax import create_model
+from dermseg_jax import create_model, sharding, trainer
+from dermseg_jax.configs import tiny
 from dermseg_jax.models import (
     GROUPS,
     InceptionUNet,
@@ -161,6 +162,39 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(narrow_variables):
     assert logits.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(narrow_variables))
     assert 0 < float(jnp.max(jnp.abs(logits - reference))) < 0.1 * float(jnp.std(reference)) + 0.1
+
+
+def _losses_over_steps(config, batch, steps):
+    mesh = sharding.make_mesh()
+    with jax.set_mesh(mesh):
+        state = trainer.create_train_state(config, jax.random.key(0), mesh)
+        step = jax.jit(
+            functools.partial(trainer.train_step, loss_cfg=config.loss, class_weights=None)
+        )
+        out = []
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+            out.append(float(metrics["loss"]))
+    floats = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    return np.array(out)
+
+
+def test_bfloat16_training_tracks_the_float32_loss():
+    config = tiny.get_config()
+    size = config.data.crop_size
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 6, (4, size // 8, size // 8))
+    batch = {
+        "image": jnp.asarray(rng.random((4, size, size, 3), np.float32)),
+        "label": jnp.asarray(np.repeat(np.repeat(coarse, 8, 1), 8, 2).astype(np.int32)),
+    }
+    float32 = _losses_over_steps(config, batch, 4)
+    config.model.dtype = "bfloat16"
+    bfloat16 = _losses_over_steps(config, batch, 4)
+    assert float32[-1] < float32[0]  # the steps learn something
+    np.testing.assert_allclose(bfloat16, float32, rtol=0.05)
+    assert not np.array_equal(bfloat16, float32)  # and bfloat16 did compute
 
 
 def test_param_groups_and_replace_encoder(narrow_variables):

@@ -11,7 +11,7 @@ import tensorflow as tf
 import torchvision.transforms as T
 
 from dermseg_jax import labels
-from dermseg_jax.data import augment, lesion_crop, pipeline
+from dermseg_jax.data import augment, eval_pipeline, lesion_crop, pipeline
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
@@ -203,6 +203,55 @@ def test_train_augmentations_keep_image_and_masks_aligned(graph):
     assert len(flips) > 1
 
 
+def test_packed_masks_unpack_to_the_same_masks():
+    rng = np.random.default_rng(5)
+    structures = rng.integers(0, 2, (7, 9, 5), dtype=np.uint8)
+    lesion = rng.integers(0, 2, (7, 9, 1), dtype=np.uint8)
+    packed = augment.pack_masks(tf.constant(structures), tf.constant(lesion))
+    assert packed.shape == (7, 9, 1) and packed.dtype == tf.uint8
+    got_structures, got_lesion = augment.unpack_masks(packed)
+    np.testing.assert_array_equal(got_structures, structures)
+    np.testing.assert_array_equal(got_lesion, lesion)
+
+
+def direct_window(example, cfg, seed):
+    """The window sampled straight from the source image (no view): the reference geometry."""
+    box = lesion_crop.lesion_box(example, cfg.lesion_crop)
+    resized = augment.resized_hw_shorter(box[2] - box[0], box[3] - box[1], cfg.resize_shorter)
+    offset, flip = augment.random_window(seed, resized, cfg.crop_size, cfg.flip)
+    masks = (example["structures"], example["lesion"])
+    crop = (cfg.crop_size, cfg.crop_size)
+    return augment.sample_window(
+        example["image"], masks, box, resized, offset, crop, flip, cfg.resize_method
+    )
+
+
+@pytest.mark.parametrize("method", ["thesis_nearest", "bilinear"])
+def test_view_then_window_equals_sampling_the_source_directly(method):
+    # thesis_nearest: bit for bit (same draws, same pixels); bilinear: the view's pixels are
+    # rounded to 8 bits, so within half a grey level.
+    rng = np.random.default_rng(6)
+    cfg = make_config(resize_method=method, resize_shorter=45, crop_size=40)
+    example = as_tensors(self_labelled_example(rng, 61, 83))
+    fn = pipeline.train_example_fn(cfg)
+    for s in range(4):
+        seed = tf.constant([s, 9], tf.int64)
+        out = fn(example, seed)
+        image, (structures, lesion), valid = direct_window(example, cfg, seed)
+        atol = 0.0 if method == "thesis_nearest" else 0.5 / 255 + 1e-6
+        np.testing.assert_allclose(out["image"], image, rtol=0, atol=atol)
+        np.testing.assert_array_equal(out["structures"], structures)
+        np.testing.assert_array_equal(out["lesion"], lesion[..., 0])
+        np.testing.assert_array_equal(out["valid"], valid)
+
+
+def test_the_recipes_training_views_fit_the_cache_budget():
+    # ISIC 2018: 2334 training images at a shorter side of 384; the thesis: 1590 at 256.
+    assert pipeline.view_bytes(2334, 384) <= pipeline.CACHE_BUDGET_BYTES
+    assert pipeline.view_bytes(1590, 256) <= pipeline.CACHE_BUDGET_BYTES / 2
+    assert pipeline.view_bytes(10_000, 384) > pipeline.CACHE_BUDGET_BYTES
+
+
 def test_crop_pads_where_the_image_is_smaller():
     rng = np.random.default_rng(4)
     cfg = make_config(lesion_crop="none", resize_shorter=20, crop_size=32, flip=False)
@@ -293,7 +342,7 @@ def test_mask_crop_falls_back_to_auto_without_a_mask():
 def test_thesis_wrap_reproduces_torchvision_normalize_then_to_pil():
     rng = np.random.default_rng(9)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    mean, std = pipeline.NORMALIZATION["thesis_wrap"]
+    mean, std = augment.NORMALIZATION["thesis_wrap"]
     torch_wrapped = np.array(T.ToPILImage()(T.Normalize(mean, std)(T.ToTensor()(image))))
     x = tf.constant(image, tf.float32) / 255.0
     ones = tf.ones([16, 16])
@@ -305,7 +354,7 @@ def test_thesis_wrap_reproduces_torchvision_normalize_then_to_pil():
 
 
 def test_normalization_constants():
-    norm = pipeline.NORMALIZATION
+    norm = augment.NORMALIZATION
     assert set(norm) == {"none", "thesis_wrap", "isic", "imagenet"}
     assert norm["thesis_wrap"] == ((0.1769, 0.1479, 0.1367), (0.0352, 0.0378, 0.0417))
     assert norm["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -420,7 +469,9 @@ def test_eval_batches_count_every_image_exactly_once():
     ]
     cfg = make_config(eval_lesion_crop="mask", eval_size=40)
     batches = list(
-        pipeline.build_eval_dataset(raw_dataset(examples), cfg, batch_size=2).as_numpy_iterator()
+        eval_pipeline.build_eval_dataset(
+            raw_dataset(examples), cfg, batch_size=2
+        ).as_numpy_iterator()
     )
     assert len(batches) == 3
     assert all(b["image"].shape == (2, 40, 40, 3) for b in batches)
@@ -463,14 +514,17 @@ def test_preprocess_for_inference_matches_the_eval_dataset():
     }
     cfg = make_config(eval_lesion_crop="auto", resize_method="bilinear", normalization="imagenet")
     batch = next(
-        pipeline.build_eval_dataset(raw_dataset([example]), cfg, batch_size=1).as_numpy_iterator()
+        eval_pipeline.build_eval_dataset(
+            raw_dataset([example]), cfg, batch_size=1
+        ).as_numpy_iterator()
     )
-    single = pipeline.preprocess_for_inference(image, cfg)
+    preprocess = eval_pipeline.inference_preprocessor(cfg)
+    single = preprocess(image)
     for key in ("image", "valid", "crop_box", "original_size", "resized_size"):
         np.testing.assert_allclose(single[key], batch[key][0], atol=1e-6, err_msg=key)
     assert single["crop_box"].tolist() != [0, 0, 150, 200]
     with pytest.raises(ValueError, match="uint8"):
-        pipeline.preprocess_for_inference(image.astype(np.float32), cfg)
+        preprocess(image.astype(np.float32))
 
 
 def test_class_counts_and_weights(tmp_path):
@@ -528,7 +582,7 @@ def test_end_to_end_on_a_prepared_synthetic_set(prepared_synthetic):
     assert batches[0]["image"].shape == (4, 32, 32, 3)
     assert all(b["lesion"].mean() > 0.5 for b in batches)  # lesion crops are mostly lesion
 
-    evaluated = list(pipeline.create_eval_dataset(cfg, split="validation", batch_size=2))
+    evaluated = list(eval_pipeline.create_eval_dataset(cfg, split="validation", batch_size=2))
     assert len(evaluated) == 3
     ids = [i for b in evaluated for i in b["id"] if i]
     assert len(ids) == len(set(ids)) == 5

@@ -1,14 +1,22 @@
-"""Tests of dermseg_jax.data.prepare and tfds_builder: the prepared TFDS directory."""
+"""Tests of dermseg_jax.data.prepare and tfds_builder: the prepared TFDS directory, and the CLI's
+refusals (one line, exit status 2, nothing written or deleted)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from test_sources import make_isic2018, make_thesis
 
 from dermseg_jax import labels
-from dermseg_jax.data import prepare, sources, synthetic
+from dermseg_jax.data import prepare, sources, staging, synthetic
+from dermseg_jax.errors import UserError
 
 SIZE = (48, 64)
 
@@ -121,14 +129,28 @@ def test_bad_file_fails_before_writing_and_skip_bad_skips_it(tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["raw"]
     summary = prepare.prepare("isic2018", raw, out, task1_dir=raw, skip_bad=True, progress=False)
     assert summary["splits"] == {"train": 2} and summary["skipped"] == {"train": 1}
+    assert f"{bad}: truncated JPEG" in summary["skipped_examples"]["train"][0]
     assert tfds.builder_from_directory(out).info.splits["train"].num_examples == 2
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         prepare.prepare("isic2018", raw, out, task1_dir=raw, skip_bad=True, progress=False)
+    # A re-prepare over its own output replaces it (here skipping in the builder instead).
+    (out / "extra.txt").write_text("replaced with the folder")
+    again = prepare.prepare(
+        "isic2018",
+        raw,
+        out,
+        task1_dir=raw,
+        skip_bad=True,
+        validate_first=False,
+        overwrite=True,
+        progress=False,
+    )
+    assert again["skipped"] == {"train": 1} and bad.name in again["skipped_examples"]["train"][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+    assert not (out / "extra.txt").exists() and staging.is_prepared(out)
 
 
 def test_thesis_layout_prepares_with_downscaling(tmp_path):
-    from test_sources import make_thesis
-
     splits_dir, _ = make_thesis(tmp_path / "raw", n=2)
     summary = prepare.main(
         [
@@ -160,3 +182,133 @@ def test_ensure_synthetic_prepares_once_and_reuses(tmp_path):
     assert other != data_dir
     # Only the two prepared sets remain: no temporary folders are left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data_dir.name, other.name])
+
+
+def _cli(*args: object) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dermseg_jax.data.prepare", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `prepare: error:` line of a refused run (exit status 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("prepare: error: ")]
+    return line
+
+
+def _snapshot(folder: Path) -> dict[Path, object]:
+    """Every path under `folder` with its content (a link's target, None for a folder)."""
+    return {
+        p: p.readlink() if p.is_symlink() else None if p.is_dir() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("case", ["out_is_root", "out_holds_root", "out_is_a_user_folder"])
+def test_overwrite_never_touches_inputs_or_foreign_folders(tmp_path, case):
+    raw = tmp_path / "p" / "raw"
+    make_isic2018(raw, n=1)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("mine")
+    out = {"out_is_root": raw, "out_holds_root": tmp_path / "p", "out_is_a_user_folder": user}
+    before = _snapshot(tmp_path)
+    proc = _cli(
+        "--format=isic2018",
+        f"--root={raw}",
+        f"--task1_dir={raw}",
+        "--overwrite",
+        f"--out={out[case]}",
+    )
+    assert f"{out[case]}: " in _error_line(proc)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--out={tmp}/a_file", "--n=2"], "{tmp}/a_file: --out is a file"),
+        (["--out={tmp}/deep/out", "--n=0"], "--n 0: "),
+        (["--out={tmp}/deep/out", "--size=axb"], "--size 'axb': expected HEIGHTxWIDTH"),
+        (["--out={tmp}/deep/out", "--size=0x5"], "--size '0x5': expected HEIGHTxWIDTH"),
+        (["--out={tmp}/deep/out", "--root={tmp}/nope", "--format=isic2018"], "{tmp}/nope: --root"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_writing(tmp_path, args, named):
+    (tmp_path / "a_file").write_text("keep")
+    before = _snapshot(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    fmt = [] if any(a.startswith("--format") for a in args) else ["--format=synthetic"]
+    assert named.format(tmp=tmp_path) in _error_line(_cli(*fmt, *args))
+    assert _snapshot(tmp_path) == before  # no half-made --out or parent folder
+
+
+def _spoil_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = data.rfind(b"\xff\xda") + (len(data) - data.rfind(b"\xff\xda")) // 2
+    data[middle : middle + 40] = bytes(40)
+    path.write_bytes(bytes(data))
+
+
+def test_unreadable_and_corrupt_images_fail_naming_each_file(tmp_path):
+    raw = tmp_path / "raw"
+    make_isic2018(raw, n=2)
+    images = raw / "ISIC2018_Task1-2_Training_Input"
+    (images / "ISIC_0000005.jpg").symlink_to(tmp_path / "gone.jpg")
+    (images / "ISIC_0000006.jpg").mkdir()
+    _spoil_middle(images / "ISIC_0000001.jpg")
+    before = _snapshot(tmp_path)
+    proc = _cli("--format=isic2018", f"--root={raw}", f"--out={tmp_path}/deep/out")
+    line = _error_line(proc)
+    assert "3 of 4 train examples are bad" in line and "prepare: hint: --skip_bad" in proc.stderr
+    assert "ISIC_0000001.jpg: corrupt JPEG image" in line
+    assert "ISIC_0000005.jpg: image is a broken symbolic link" in line
+    assert "ISIC_0000006.jpg: image is a folder" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_duplicate_ids_fail_naming_both_files_without_dumping_images(tmp_path):
+    raw = tmp_path / "raw"
+    make_isic2018(raw, n=2)
+    images = raw / "ISIC2018_Task1-2_Training_Input"
+    (images / "ISIC_0000001.JPEG").write_bytes((images / "ISIC_0000001.jpg").read_bytes())
+    proc = _cli("--format=isic2018", f"--root={raw}", f"--out={tmp_path}/out")
+    assert "ISIC_0000001.JPEG: ID ISIC_0000001 also used by ISIC_0000001.jpg" in _error_line(proc)
+    assert len(proc.stderr) < 1000 and not (tmp_path / "out").exists()
+
+
+def _start_and_wait_for_staging(out: Path, log: Path) -> subprocess.Popen:
+    """Starts a synthetic prepare into `out`; returns once its temporary folder is set up."""
+    command = [sys.executable, "-m", "dermseg_jax.data.prepare", "--format=synthetic"]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [*command, f"--out={out}", "--n=4", "--size=64x64"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    while True:
+        for owner in out.parent.glob(f".{out.name}.dermseg-prepare-*/{staging.OWNER_FILE}"):
+            try:
+                json.loads(owner.read_text())
+                return proc
+            except (OSError, ValueError):
+                pass  # being written
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+
+
+def test_killed_runs_leave_no_temporary_folder_behind(tmp_path):
+    out, log = tmp_path / "w" / "data", tmp_path / "stderr.txt"
+    foreign = out.parent / ".data.dermseg-prepare-foreign"  # no owner file: not ours
+    foreign.mkdir(parents=True)
+    proc = _start_and_wait_for_staging(out, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM and "Traceback" not in log.read_text()
+    assert [p.name for p in out.parent.iterdir()] == [foreign.name]
+    proc = _start_and_wait_for_staging(out, log)
+    proc.kill()
+    proc.wait()
+    assert len(list(out.parent.iterdir())) == 2  # SIGKILL runs no cleanup
+    prepare.prepare("synthetic", None, out, n=2, image_size=SIZE, num_workers=1, progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == [foreign.name, "data"]

@@ -207,13 +207,52 @@ def test_isic2018_bad_input_raises_naming_file_and_problem(tmp_path, case, caplo
     refs = sources.list_examples("isic2018", tmp_path, "train", task1_dir=tmp_path)
     with pytest.raises(sources.DataError, match=problem) as info:
         sources.validate_examples(refs, num_workers=2)
-    assert file_name in str(info.value) and "1 of 3" in str(info.value)
+    message = str(info.value)
+    assert file_name in message and "1 of 3" in message and "\n" not in message
+    assert info.value.hint == "--skip_bad skips them" and "=True" not in message
     with caplog.at_level(logging.WARNING):
-        good = sources.validate_examples(refs, skip_bad=True, num_workers=2)
+        good, problems = sources.validate_examples(refs, skip_bad=True, num_workers=2)
     assert [r.id for r in good] == ["ISIC_0000000", "ISIC_0000002"]
-    assert "Skipped 1 of 3" in caplog.text and file_name in caplog.text
-    read = list(sources.iter_examples(refs, skip_bad=True, num_workers=2))
-    assert [e.id for e in read] == ["ISIC_0000000", "ISIC_0000002"]
+    assert "1 of 3 train examples are bad" in caplog.text and file_name in caplog.text
+    assert len(problems) == 1 and file_name in problems[0]
+
+
+def test_entries_named_like_images_are_reported_not_dropped(tmp_path):
+    make_isic2018(tmp_path, n=2)
+    input_dir = tmp_path / "ISIC2018_Task1-2_Training_Input"
+    (input_dir / "ISIC_0000005.jpg").symlink_to(tmp_path / "gone.jpg")  # dangling
+    (input_dir / "ISIC_0000006.jpg").mkdir()
+    _write_jpeg(input_dir / "photo.png", _image(0))
+    _write_jpeg(input_dir / "._ISIC_0000000.jpg", _image(0))  # hidden (macOS metadata)
+    refs = sources.list_examples("isic2018", tmp_path, "train", task1_dir=tmp_path)
+    assert len(refs) == 5
+    with pytest.raises(sources.DataError, match="3 of 5 train examples are bad") as info:
+        sources.validate_examples(refs, num_workers=2)
+    for problem in (
+        "ISIC_0000005.jpg: image is a broken symbolic link",
+        "ISIC_0000006.jpg: image is a folder, not a file",
+        "photo.png: image name is not ISIC_<7 digits>.jpg",
+    ):
+        assert problem in str(info.value)
+    good, problems = sources.validate_examples(refs, skip_bad=True, num_workers=2)
+    assert [r.id for r in good] == ["ISIC_0000000", "ISIC_0000001"] and len(problems) == 3
+
+
+def test_duplicate_ids_raise_naming_both_files(tmp_path):
+    make_isic2018(tmp_path, n=2)
+    input_dir = tmp_path / "ISIC2018_Task1-2_Training_Input"
+    (input_dir / "ISIC_0000001.JPEG").write_bytes((input_dir / "ISIC_0000001.jpg").read_bytes())
+    with pytest.raises(sources.DataError, match="ID ISIC_0000001 also used by") as info:
+        sources.list_examples("isic2018", tmp_path, "train")
+    assert "ISIC_0000001.JPEG" in str(info.value) and "ISIC_0000001.jpg" in str(info.value)
+
+
+def test_non_rgb_error_names_the_cli_flag(tmp_path):
+    make_isic2018(tmp_path, n=1)
+    _grey(tmp_path / "ISIC2018_Task1-2_Training_Input" / "ISIC_0000000.jpg")
+    (ref,) = sources.list_examples("isic2018", tmp_path, "train")
+    with pytest.raises(sources.DataError, match=r"\(--allow_non_rgb converts it\)"):
+        sources.read_example(ref)
 
 
 def test_allow_non_rgb_converts_grey_scale(tmp_path):
@@ -263,8 +302,8 @@ def test_thesis_bad_input_raises_naming_file_and_problem(tmp_path, case):
     with pytest.raises(sources.DataError, match=problem) as info:
         sources.validate_examples(refs, num_workers=2)
     assert file_name in str(info.value)
-    good = sources.validate_examples(refs, skip_bad=True, num_workers=2)
-    assert len(good) == len(refs) - 1
+    good, problems = sources.validate_examples(refs, skip_bad=True, num_workers=2)
+    assert len(good) == len(refs) - 1 and file_name in problems[0]
 
 
 def test_empty_splits_raise(tmp_path):

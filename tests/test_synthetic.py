@@ -1,4 +1,11 @@
-"""Tests of dermseg_jax.data.synthetic: determinism, layout, class balance and visibility."""
+"""Tests of dermseg_jax.data.synthetic: determinism, layout, class balance and visibility.
+
+The 'isic2018' profile's own properties are tested in test_synthetic_isic.py."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +29,52 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     a, b, c = (_files(tmp_path / d) for d in "abc")
     assert a == b
     assert a.keys() == c.keys() and a != c
+
+
+def test_default_profile_draws_the_same_images_as_before_the_profiles():
+    # Digests of the default generator's output taken before the drawing code was shared with
+    # the 'isic2018' profile: the demo's and the tests' data must not change.
+    digest = hashlib.sha256()
+    for i in range(24):  # 24 small images hold every structure at least once
+        ex = synthetic.generate_image(np.random.default_rng([11, i]), 64, 80)
+        for array in (ex.image, ex.structures, ex.lesion):
+            digest.update(array.tobytes())
+    assert digest.hexdigest() == (
+        "ea55ecdf350ac473f0c8982bfc3de4cebe9d1aa5783ddcf38ce0d2130e1a486e"
+    )
+    ex = synthetic.generate_image(np.random.default_rng([0, 0, 0]), *synthetic.DEFAULT_IMAGE_SIZE)
+    full = hashlib.sha256(ex.image.tobytes() + ex.structures.tobytes() + ex.lesion.tobytes())
+    assert full.hexdigest() == "a04dd4cc5f18478c3520193393d98100da20e51938bf5e3015220c2ee20ce09b"
+
+
+def test_isic2018_profile_writes_its_sizes_deterministically(tmp_path):
+    kwargs = dict(n_train=2, n_val=1, n_test=0, seed=3, image_size=(96, 160), vary_size=False)
+    synthetic.write_dataset(tmp_path / "a", profile="isic2018", **kwargs)
+    synthetic.write_dataset(tmp_path / "b", profile="isic2018", **kwargs)
+    synthetic.write_dataset(tmp_path / "c", **kwargs)
+    a, b, default = (_files(tmp_path / d) for d in "abc")
+    assert a == b
+    assert a.keys() == default.keys() and a != default
+    for name, data in a.items():
+        if name.suffix in (".jpg", ".png"):
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert decoded.shape[:2] == (96, 160), name
+
+
+def test_isic2018_profile_defaults_to_isic_sized_images(tmp_path):
+    synthetic.write_dataset(
+        tmp_path, n_train=1, n_val=0, n_test=0, vary_size=False, profile="isic2018"
+    )
+    (jpg,) = tmp_path.glob("*_Input/*.jpg")
+    assert cv2.imread(str(jpg)).shape == (1000, 1500, 3)
+    assert synthetic.PROFILE_IMAGE_SIZES["isic2018"] == (1000, 1500)
+
+
+def test_rejects_unknown_profiles(tmp_path):
+    with pytest.raises(ValueError, match="unknown synthetic profile 'isic2017'"):
+        synthetic.write_dataset(tmp_path, n_train=1, n_val=0, n_test=0, profile="isic2017")
+    with pytest.raises(ValueError, match="unknown synthetic profile"):
+        synthetic.generate_image(np.random.default_rng(0), 64, 64, profile="")
 
 
 def test_writes_the_isic2018_layout_with_lesion_masks(tmp_path):
@@ -97,3 +150,45 @@ def test_structures_are_visible_where_their_masks_are(images):
 def test_rejects_tiny_images():
     with pytest.raises(ValueError, match="at least 32x32"):
         synthetic.generate_image(np.random.default_rng(0), 16, 64)
+
+
+def _make_synthetic(*args) -> subprocess.CompletedProcess:
+    script = Path(__file__).parents[1] / "scripts" / "make_synthetic.py"
+    command = [sys.executable, str(script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--size", "20x30"], "--size"),
+        (["--size", "big"], "--size 'big'"),
+        (["--n", "2", "--n-test", "-1"], "negative number of test images"),
+    ],
+)
+def test_make_synthetic_fails_in_one_line_before_writing(tmp_path, args, named):
+    proc = _make_synthetic("--out", tmp_path / "raw", *args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("make_synthetic: error:") and named in line
+    assert not (tmp_path / "raw").exists()
+
+
+def test_make_synthetic_writes_the_isic2018_profile(tmp_path):
+    args = ["--n", "2", "--n-val", "0", "--n-test", "0", "--seed", "1", "--fixed-size"]
+    proc = _make_synthetic(
+        "--out", tmp_path / "raw", "--profile", "isic2018", "--size", "64x96", *args
+    )
+    assert proc.returncode == 0, proc.stderr
+    synthetic.write_dataset(
+        tmp_path / "api",
+        n_train=2,
+        n_val=0,
+        n_test=0,
+        seed=1,
+        image_size=(64, 96),
+        vary_size=False,
+        profile="isic2018",
+    )
+    assert _files(tmp_path / "raw") == _files(tmp_path / "api")

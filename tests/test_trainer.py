@@ -21,8 +21,9 @@ import ml_collections  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
-from configs import default, thesis, tiny  # noqa: E402
-from dermseg_jax import optim, sharding, trainer  # noqa: E402
+from dermseg_jax import checkpointing, optim, sharding, train_loop, trainer  # noqa: E402
+from dermseg_jax.configs import default, thesis, tiny  # noqa: E402
+from dermseg_jax.errors import UserError  # noqa: E402
 from dermseg_jax.models.inception_v3 import L1_LAYERS, L2_LAYERS, L3_LAYERS  # noqa: E402
 
 
@@ -174,9 +175,90 @@ def test_frozen_groups_are_not_differentiated():
 
 
 def test_check_finite_names_the_step():
-    trainer.check_finite([{"loss": 1.0}, {"loss": 2.0}], first_step=5)
-    with pytest.raises(FloatingPointError, match="Non-finite loss at step 6 \\(in steps 5..7\\)"):
-        trainer.check_finite([{"loss": 1.0}, {"loss": np.nan}, {"loss": 1.0}], first_step=5)
+    train_loop.check_finite([{"loss": 1.0}, {"loss": 2.0}], first_step=5)
+    with pytest.raises(
+        train_loop.TrainingDiverged, match="Non-finite loss at step 6 \\(in steps 5..7\\)"
+    ):
+        train_loop.check_finite([{"loss": 1.0}, {"loss": np.nan}, {"loss": 1.0}], first_step=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    config = tiny.get_config()
+    mesh = sharding.make_mesh()
+    with jax.set_mesh(mesh):
+        state = trainer.create_train_state(config, jax.random.key(0), mesh)
+    return config, mesh, state
+
+
+def _save(workdir, state, steps, keep=5):
+    manager = checkpointing.create_checkpoint_manager(workdir, keep=keep)
+    for step in steps:
+        tree = trainer.state_to_checkpoint(state.replace(step=jnp.int32(step)))
+        checkpointing.save_train_state(manager, step, tree)
+    checkpointing.wait_for_saves(manager)
+    manager.close()
+
+
+def test_resume_takes_the_newest_readable_and_sets_the_damaged_aside(tiny_state, tmp_path):
+    from test_loading import corrupt
+
+    config, mesh, state = tiny_state
+    _save(tmp_path, state, [1, 2])
+    corrupt(tmp_path / "checkpoints" / "2")
+    manager = checkpointing.create_checkpoint_manager(tmp_path, keep=5)
+    with jax.set_mesh(mesh):
+        resumed = trainer.resume_train_state(config, manager, mesh)
+    assert int(resumed.step) == 1 and manager.all_steps() == [1]
+    manager.close()
+    (aside,) = (tmp_path / "damaged_checkpoints").iterdir()
+    assert aside.name.startswith("2-") and (aside / "default").is_dir()
+
+
+def test_resume_with_another_model_names_the_changed_field(tiny_state, tmp_path):
+    config, mesh, state = tiny_state
+    checkpointing.save_run_config(tmp_path, config)
+    _save(tmp_path, state, [1])
+    wider = tiny.get_config()
+    wider.model.width = 0.125
+    manager = checkpointing.create_checkpoint_manager(tmp_path)
+    with pytest.raises(UserError, match="model.width 0.0625 -> 0.125: .* does not fit"):
+        trainer.resume_train_state(wider, manager, mesh)
+    manager.close()
+
+
+def test_a_failed_validation_still_saves_its_step(tiny_state, tmp_path):
+    config, mesh, state = tiny_state
+    manager = checkpointing.create_checkpoint_manager(tmp_path)
+    loop = train_loop._Loop(config, config.data, str(tmp_path), mesh, manager, stop=None)
+
+    def failing(state):
+        raise RuntimeError("validation broke")
+
+    with pytest.raises(RuntimeError, match="validation broke"):
+        loop._save_and_evaluate(state, 4, failing, eval_now=True)
+    checkpointing.wait_for_saves(manager)
+    assert manager.all_steps() == [4] and manager.best_step() is None
+    manager.close()
+    loop.writer.close()
+
+
+def test_a_non_finite_state_is_never_saved(tiny_state, tmp_path):
+    config, mesh, state = tiny_state
+    manager = checkpointing.create_checkpoint_manager(tmp_path)
+    loop = train_loop._Loop(config, config.data, str(tmp_path), mesh, manager, stop=None)
+    loop.checked = 2
+    loop._check_finite(state, {"loss": jnp.float32(1.0)}, 3)
+    assert loop.checked == 3
+    broken = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+    with pytest.raises(
+        train_loop.TrainingDiverged, match=r"at step 5 \(first in steps 4..5\); not saved"
+    ):
+        loop._check_finite(broken, {"loss": jnp.float32(1.0)}, 5)
+    with pytest.raises(train_loop.TrainingDiverged, match="at step 6"):
+        loop._check_finite(state, {"loss": jnp.float32(jnp.inf)}, 6)
+    manager.close()
+    loop.writer.close()
 
 
 def _script(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -267,7 +349,7 @@ def _two_process(process_id: str, port: str, workdir: str, cache: str, out_path:
     config.data.synthetic_cache = cache
     config.train.num_epochs = 1
     config.checkpoint.every_steps = 1
-    state, result = trainer.train_and_evaluate(
+    state, result = train_loop.train_and_evaluate(
         config, workdir, evaluate_fn=lambda state: {"jaccard/mean": 0.0}
     )
     params = {"params" + k: v for k, v in _flat(state.params).items()}

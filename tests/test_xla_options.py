@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import thesis
 from dermseg_jax import benchmarking, models, sharding, trainer, xla_options
+from dermseg_jax.configs import thesis
 
 
 def test_options_are_for_the_cpu_only():
@@ -59,7 +59,12 @@ def test_convolutions_run_on_xla_not_on_ynnpack(narrow_step_inputs):
     hlo = _compiled_step(narrow_step_inputs, xla_options.train_step_options("cpu")).as_text()
     assert not any(" convolution(" in b for b in _ynn_fusion_bodies(hlo))
     assert " convolution(" in hlo
-    # The benchmark's comparison variant is the YNNPACK-convolution setting.
-    options = benchmarking.VARIANT_COMPILER_OPTIONS["jax_f32_ynn_conv"]
+    # The YNNPACK-convolution setting (the CPU setting before XLA's own was chosen).
+    options = {
+        **xla_options.CPU_TRAIN_OPTIONS,
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+        ),
+    }
     ynn = _ynn_fusion_bodies(_compiled_step(narrow_step_inputs, options).as_text())
     assert any(" convolution(" in b for b in ynn)

@@ -61,6 +61,27 @@ def label_from_structures(structures: tf.Tensor) -> tf.Tensor:
     return label
 
 
+def pack_masks(structures: tf.Tensor, lesion: tf.Tensor) -> tf.Tensor:
+    """Packs the {0, 1} masks into one byte a pixel: bit k = structure k, bit 5 = the lesion.
+
+    Args:
+        structures: uint8 [..., 5]; lesion: uint8 [..., 1] (nonzero = on).
+
+    Returns:
+        uint8 [..., 1].
+    """
+    bits = tf.cast(tf.concat([structures, lesion], axis=-1) > 0, tf.int32)
+    weights = tf.bitwise.left_shift(1, tf.range(tf.shape(bits)[-1]))
+    return tf.cast(tf.reduce_sum(bits * weights, axis=-1, keepdims=True), tf.uint8)
+
+
+def unpack_masks(packed: tf.Tensor, num_structures: int = 5) -> tuple[tf.Tensor, tf.Tensor]:
+    """The inverse of `pack_masks`: (structures uint8 [..., 5], lesion uint8 [..., 1])."""
+    shifts = tf.constant(list(range(num_structures + 1)), tf.uint8)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, shifts), tf.constant(1, tf.uint8))
+    return bits[..., :num_structures], bits[..., num_structures:]
+
+
 def resized_hw_shorter(height: tf.Tensor, width: tf.Tensor, shorter: int) -> tf.Tensor:
     """Size after resizing the shorter side to `shorter` (torchvision: long = int(s * l / s0)).
 
@@ -143,7 +164,7 @@ def sample_window(
         box: int32 [4] (y0, x0, y1, x1), the region of the input that is resized.
         resized_hw: int32 [2], the size the box is resized to.
         offset: int32 [2], the window's top-left corner in the resized frame.
-        out_hw: (h, w) static output size.
+        out_hw: (h, w) output size: ints, or an int32 [2] tensor (a whole resized image).
         flip: bool [2], (vertical, horizontal) flips of the window.
         method: one of `RESIZE_METHODS`.
 

@@ -1,21 +1,32 @@
 """Decoding and validation of single raw files: JPEG/PNG images, 0/255 PNG masks, thesis .mat.
 
-Each function raises `DataError` naming the file and the problem. cv2 decodes truncated JPEGs
-silently (grey bottom rows), so completeness is checked on the bytes first (end-of-image marker
-after the last scan; PNG IEND chunk). Images must be RGB: PIL reads the mode from the header
-without decoding, since cv2's IMREAD_COLOR would silently convert grey-scale and drop alpha.
+Each function raises `DataError` naming the file and the problem. cv2 decodes damaged files
+without an error, so they are checked first: truncated JPEGs (grey bottom rows) by the
+end-of-image marker after the last scan, truncated PNGs by walking their chunks to IEND, and JPEGs
+with corrupt entropy-coded data (libjpeg only warns "Corrupt JPEG data" on stderr) by a strict
+simplejpeg decode at 1/8 scale, which reads every Huffman code and raises on libjpeg's warnings.
+Bytes after a PNG's IEND chunk are accepted: no decoder reads them and the image is complete.
+Images must be RGB: PIL reads the mode from the header without decoding, since cv2's IMREAD_COLOR
+would silently convert grey-scale and drop alpha. Palette masks are read through their palette.
+Large images are decoded with JPEG DCT scaling (`cv2.IMREAD_REDUCED_COLOR_2/4/8`) and resized
+to `shorter_side` (INTER_AREA for images, nearest for masks).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import scipy.io
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+from dermseg_jax.errors import UserError
 
 if TYPE_CHECKING:
     from dermseg_jax.data.sources import ExampleRef
@@ -34,7 +45,7 @@ _MODE_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A raw data file is missing, unreadable or inconsistent; the message names the file."""
 
 
@@ -42,9 +53,25 @@ def _read_bytes(path: Path, what: str, ref: ExampleRef) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise DataError(f"{path}: {what} is a broken symbolic link (to {target})") from None
         raise DataError(f"{path}: {what} not found for {ref.id} (listed in {ref.origin})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: {what} is a folder, not a file") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read {what}: {e}") from None
+        raise DataError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _png_end(data: bytes) -> int | None:
+    """The offset just past the IEND chunk, or None if the chunks stop before it (truncated)."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        offset += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            return offset if offset <= len(data) else None
+    return None
 
 
 def _check_complete(data: bytes, path: Path, what: str) -> None:
@@ -56,10 +83,20 @@ def _check_complete(data: bytes, path: Path, what: str) -> None:
         if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
             raise DataError(f"{path}: truncated JPEG {what}: no end-of-image marker (FFD9)")
     elif data[:8] == _PNG_SIGNATURE:
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            raise DataError(f"{path}: truncated PNG {what}: no IEND chunk")
+        if _png_end(data) is None:
+            raise DataError(f"{path}: truncated PNG {what}: the chunks end before IEND")
     else:
         raise DataError(f"{path}: corrupt {what}: not a JPEG or PNG file (starts {data[:8]!r})")
+
+
+def _check_jpeg_data(data: bytes, path: Path, what: str) -> None:
+    """Catches corrupt entropy-coded data, which cv2 decodes with only a warning on stderr."""
+    try:
+        # strict=True turns libjpeg's warnings ("Corrupt JPEG data: ...", "premature end of data
+        # segment") into errors; the 1/8-scale decode still reads every Huffman code.
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+    except ValueError as e:
+        raise DataError(f"{path}: corrupt JPEG {what}: {e}") from None
 
 
 def _image_header(data: bytes, path: Path, what: str) -> tuple[str, int, int]:
@@ -95,8 +132,10 @@ def decode_image(
         kind = _MODE_NAMES.get(mode, "non-RGB")
         raise DataError(
             f"{path}: {kind} image (PIL mode {mode!r}); expected 3-channel RGB "
-            "(allow_non_rgb=True converts it)"
+            "(--allow_non_rgb converts it)"
         )
+    if data[:2] == b"\xff\xd8":
+        _check_jpeg_data(data, path, "image")
     target = _target_size(height, width, shorter_side)
     # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost; keep the
     # reduced image at least as large as the target so INTER_AREA only ever shrinks.
@@ -125,7 +164,10 @@ def read_binary_mask(
     """Reads a single-channel 0/255 PNG mask of image size `size`; returns {0, 1} uint8 [target]."""
     data = _read_bytes(path, "mask", ref)
     _check_complete(data, path, "mask")
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if _image_header(data, path, "mask")[0] == "P":
+        mask = _palette_mask(data, path)
+    else:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise DataError(f"{path}: corrupt mask: OpenCV cannot decode it")
     if mask.ndim != 2:
@@ -148,6 +190,24 @@ def read_binary_mask(
     if mask.shape != target:
         mask = cv2.resize(mask, (target[1], target[0]), interpolation=cv2.INTER_NEAREST)
     return (mask > 127).astype(np.uint8)
+
+
+def _palette_mask(data: bytes, path: Path) -> np.ndarray:
+    """A palette (P mode) mask as its grey values; cv2 would expand it to 3 channels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            index = np.asarray(im)
+            colours = np.zeros((256, 3), np.uint8)
+            palette = np.asarray(im.getpalette() or [], np.uint8).reshape(-1, 3)[:256]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: corrupt mask: {e}") from None
+    colours[: len(palette)] = palette
+    used = colours[np.unique(index)]
+    if (used != used[:, :1]).any():
+        raise DataError(
+            f"{path}: palette (P mode) mask with non-grey colours; expected single-channel 0/255"
+        )
+    return colours[index, 0]
 
 
 def read_thesis_labels(

@@ -1,10 +1,16 @@
-"""tf.data training and evaluation pipelines, and the class weights of a prepared data set.
+"""tf.data training pipeline, the reading of prepared data sets, and their class weights.
 
 Reading (`read_split`: a TFDS data set directory, see docs/design.md "Data") is kept apart from
-the raw-example -> batch transformation (`build_train_dataset`, `build_eval_dataset`), so both
-can be tested and the latter fed from any `tf.data.Dataset` of raw examples:
-`id` string, `image` uint8 [H, W, 3], `structures` uint8 [H, W, 5], `lesion` uint8 [H, W, 1],
-`has_lesion_mask` bool, `original_height`, `original_width` int32.
+the raw-example -> batch transformation (`build_train_dataset`), so both can be tested and the
+latter fed from any `tf.data.Dataset` of raw examples: `id` string, `image` uint8 [H, W, 3],
+`structures` uint8 [H, W, 5], `lesion` uint8 [H, W, 1] (both in {0, 1}), `has_lesion_mask`
+bool, `original_height`, `original_width` int32. Evaluation batches: `eval_pipeline.py`.
+
+Why two halves: decoding a stored image and resizing its lesion crop cost far more than the
+random part, and at the training scale with the masks packed into one byte the result (the
+"view", `training_view_fn`) is ~10x smaller than the decoded source, so it is what the cache
+keeps; each step then only crops, flips and colours the view (`window_fn`;
+docs/input_pipeline.md has the figures).
 
 Determinism and resumption: epoch e visits the process's shard in the order of a shuffle seeded
 by (seed, process, e), and the i-th example of the whole stream is augmented with the stateless
@@ -25,14 +31,14 @@ from absl import logging
 
 from dermseg_jax import labels
 from dermseg_jax.data import augment, lesion_crop
-from dermseg_jax.data.augment import NORMALIZATION  # noqa: F401  (the design's home for it)
 
 CLASS_COUNTS_FILE = "class_counts.json"
 _INT64_MAX = np.iinfo(np.int64).max
-# `data_cfg.cache=None` (the default) keeps the decoded training shard in memory when it fits in
-# this many bytes (image 3 + structures 5 + lesion 1 bytes a pixel).
+# `data_cfg.cache=None` (the default) keeps the training views in memory when they fit in this
+# many bytes: image 3 + packed masks 1 bytes a pixel, at ISIC's usual 4:3 aspect.
 CACHE_BUDGET_BYTES = 2 << 30
-_BYTES_PER_PIXEL = 9
+_VIEW_BYTES_PER_PIXEL = 4
+_VIEW_ASPECT = 4 / 3
 _SHUFFLE_STREAM = 2**31 - 1
 
 
@@ -45,10 +51,6 @@ def _hide_gpus_from_tf() -> None:
 
 
 _hide_gpus_from_tf()
-
-
-def _get(data_cfg: ml_collections.ConfigDict, name: str, default):
-    return data_cfg[name] if name in data_cfg else default
 
 
 def resolve_data_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -86,7 +88,10 @@ def read_split(
     num_examples = builder.info.splits[sub_split].num_examples
     if num_examples == 0:
         raise ValueError(f"{data_dir}: split {sub_split!r} holds no examples")
-    dataset = builder.as_dataset(split=sub_split, shuffle_files=False)
+    # No TFDS auto-cache: it would keep a small set's decoded images in memory whatever
+    # `data_cfg.cache` says (and makes an uncached benchmark time a cached pipeline).
+    read_config = tfds.ReadConfig(try_autocache=False)
+    dataset = builder.as_dataset(split=sub_split, shuffle_files=False, read_config=read_config)
     return dataset, num_examples
 
 
@@ -94,51 +99,76 @@ def _example_seed(base: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, index)
 
 
-def train_example_fn(data_cfg: ml_collections.ConfigDict):
-    """The per-example geometric training transform `(raw example, seed [2]) -> example dict`.
+def training_view_fn(data_cfg: ml_collections.ConfigDict):
+    """The deterministic half of the training transform: `raw example -> view`.
 
-    Lesion crop (`lesion_crop`; or the example's precomputed `box`), resize of the shorter side
-    to `resize_shorter`, random `crop_size` crop (padded where smaller), flips. The image is
-    float32 in [0, 1], not yet coloured: when jitter is on, the example carries its drawn
-    factors under `jitter` [4], and `build_train_dataset` applies jitter and normalisation per
-    batch. Geometry comes first and only the crop's pixels are sampled; jitter and the thesis'
-    wrap are per-pixel, so with 'thesis_nearest' this equals the thesis' order (jitter, wrap,
-    resize, crop, flip), except that the contrast mean is the crop's.
+    The view is the lesion crop (`lesion_crop`) resized so its shorter side is `resize_shorter`
+    (`resize_method`): `image` uint8 [h, w, 3] (bilinear values rounded to 8 bits, as PIL's
+    resize gives) and `masks` uint8 [h, w, 1] (`augment.pack_masks`). It is what the cache
+    holds: at the training scale with masks packed it is 4 bytes a pixel, where the decoded
+    source is 9 bytes a pixel at the stored size.
+    """
+
+    def fn(example: dict) -> dict:
+        box = lesion_crop.lesion_box(example, data_cfg.lesion_crop)
+        resized = augment.resized_hw_shorter(
+            box[2] - box[0], box[3] - box[1], data_cfg.resize_shorter
+        )
+        image, (structures, lesion), _ = augment.sample_window(
+            example["image"],
+            (example["structures"], example["lesion"]),
+            box,
+            resized,
+            tf.zeros([2], tf.int32),
+            resized,
+            tf.constant([False, False]),
+            data_cfg.resize_method,
+        )
+        image = tf.cast(tf.round(image * 255.0), tf.uint8)
+        return {"image": image, "masks": augment.pack_masks(structures, lesion)}
+
+    return fn
+
+
+def window_fn(data_cfg: ml_collections.ConfigDict):
+    """The random half: `(view, seed [2]) -> example dict` (crop, padding, flips, jitter draw).
+
+    A random `crop_size` window of the view (padded where the view is smaller) and flips,
+    by index gathers of the window's pixels only. The image is float32 in [0, 1], not yet
+    coloured: with jitter on, the example carries its drawn factors under `jitter` [4] and
+    `build_train_dataset` applies jitter and normalisation per batch (batched ops are cheaper).
     """
     crop = int(data_cfg.crop_size)
     jitter = tuple(float(v) for v in data_cfg.color_jitter)
     if len(jitter) != 4:
         raise ValueError(f"color_jitter needs 4 strengths (b, c, s, h), got {jitter}")
 
-    def fn(example: dict, seed: tf.Tensor) -> dict:
-        if "box" in example:
-            box = example["box"]
-        else:
-            box = lesion_crop.lesion_box(example, data_cfg.lesion_crop)
-        resized = augment.resized_hw_shorter(
-            box[2] - box[0], box[3] - box[1], data_cfg.resize_shorter
-        )
-        offset, flip = augment.random_window(seed, resized, crop, bool(data_cfg.flip))
-        masks = (example["structures"], example["lesion"])
+    def fn(view: dict, seed: tf.Tensor) -> dict:
+        hw = tf.shape(view["image"])[:2]
+        offset, flip = augment.random_window(seed, hw, crop, bool(data_cfg.flip))
+        box = tf.concat([tf.zeros([2], tf.int32), hw], 0)
         image, masks, valid = augment.sample_window(
-            example["image"],
-            masks,
-            box,
-            resized,
-            offset,
-            (crop, crop),
-            flip,
-            data_cfg.resize_method,
+            view["image"], view["masks"], box, hw, offset, (crop, crop), flip, "thesis_nearest"
         )
-        out = _finish(image, masks, valid, None)
-        if any(jitter):  # applied per batch (`_colour_batch`): batched ops are much cheaper
+        out = finish_example(image, augment.unpack_masks(masks), valid, None)
+        if any(jitter):
             out["jitter"] = augment.jitter_factors(seed, jitter)
         return out
 
     return fn
 
 
-def _finish(image, masks, valid, normalization: str | None) -> dict:
+def train_example_fn(data_cfg: ml_collections.ConfigDict):
+    """The whole per-example training transform `(raw example, seed [2]) -> example dict`:
+    `training_view_fn` then `window_fn`. With 'thesis_nearest' this equals the thesis' order
+    (jitter, wrap, resize, crop, flip: jitter and wrap are per-pixel), except that the
+    contrast mean is the crop's."""
+    view, window = training_view_fn(data_cfg), window_fn(data_cfg)
+    return lambda example, seed: window(view(example), seed)
+
+
+def finish_example(image, masks, valid, normalization: str | None) -> dict:
+    """An example dict (docs/design.md "Data") from a sampled window; normalised unless None."""
     structures, lesion = masks
     if normalization is not None:
         image = augment.normalize(image, valid, normalization)
@@ -172,8 +202,8 @@ def build_train_dataset(
         seed: data seed; batch k is a function of (seed, process_index, k).
         start_step: the first batch to yield (resumption).
         process_index: folded into the seeds so processes see different augmentations.
-        cache: keep the decoded raw examples in memory after the first epoch (decoding
-            dominates the cost of the pipeline); results are identical either way.
+        cache: keep the training views (`training_view_fn`) in memory after the first epoch:
+            decoding and resizing then happen once per run; results are identical either way.
 
     Returns:
         Dataset of dicts: image float32 [B, c, c, 3], label int32 [B, c, c], structures uint8
@@ -183,17 +213,11 @@ def build_train_dataset(
         raise ValueError(f"the training split is empty (num_examples={num_examples})")
     if batch_size <= 0 or start_step < 0:
         raise ValueError(f"need batch_size > 0 and start_step >= 0, got {batch_size}, {start_step}")
-    keys = ("image", "structures", "lesion")
-
-    def with_box(example):
-        # The lesion box is a deterministic function of the example: computed once, and cached.
-        out = {k: example[k] for k in keys}
-        out["box"] = lesion_crop.lesion_box(example, data_cfg.lesion_crop)
-        return out
-
-    raw = raw.map(with_box, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    views = raw.map(
+        training_view_fn(data_cfg), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     if cache:
-        raw = raw.cache()
+        views = views.cache()
     base = tf.constant([seed, process_index], tf.int64)
     shuffle_base = _example_seed(base, _SHUFFLE_STREAM)  # apart from the augmentation seeds
     buffer = max(1, min(int(data_cfg.shuffle_buffer), num_examples))
@@ -202,14 +226,14 @@ def build_train_dataset(
         shuffle_seed = tf.random.stateless_uniform(
             [], _example_seed(shuffle_base, e), minval=0, maxval=_INT64_MAX, dtype=tf.int64
         )
-        return raw.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return views.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
 
     first = start_step * batch_size
     stream = tf.data.Dataset.counter(first // num_examples).flat_map(epoch)
     stream = stream.skip(first % num_examples).enumerate(start=first)
-    example_fn = train_example_fn(data_cfg)
+    window = window_fn(data_cfg)
     stream = stream.map(
-        lambda i, ex: example_fn(ex, _example_seed(base, i)),
+        lambda i, view: window(view, _example_seed(base, i)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -243,13 +267,14 @@ def create_train_dataset(
     """Infinite iterator of numpy training batches of this process (see `build_train_dataset`).
 
     A run resumed with `start_step=k` sees exactly the batches the uninterrupted run saw from
-    step k.
+    step k. `data_cfg.cache` None (default) caches the training views when they fit in
+    `CACHE_BUDGET_BYTES` (`view_bytes`).
     """
     data_dir = resolve_data_dir(data_cfg)
     raw, n = read_split(data_dir, "train", process_index=process_index, process_count=process_count)
-    cache = _get(data_cfg, "cache", None)
+    cache = data_cfg.get("cache", None)
     if cache is None:
-        cache = _decoded_bytes(data_dir) / process_count <= CACHE_BUDGET_BYTES
+        cache = view_bytes(n, int(data_cfg.resize_shorter)) <= CACHE_BUDGET_BYTES
     logging.info("Training input: %d examples in this process's shard, cache=%s", n, cache)
     dataset = build_train_dataset(
         raw,
@@ -264,126 +289,9 @@ def create_train_dataset(
     return iter(tfds.as_numpy(dataset))
 
 
-def _decoded_bytes(data_dir: str) -> float:
-    """Decoded size of the training split per `class_counts.json` (inf when unknown)."""
-    try:
-        with open(os.path.join(data_dir, CLASS_COUNTS_FILE)) as f:
-            return float(json.load(f)["total_pixels"]) * _BYTES_PER_PIXEL
-    except (OSError, KeyError, ValueError):
-        return float("inf")
-
-
-def eval_example_fn(data_cfg: ml_collections.ConfigDict):
-    """The per-example evaluation transform `raw example -> example dict` (no randomness).
-
-    Lesion crop per `eval_lesion_crop` (default 'auto'), resize so the longer side is
-    `eval_size`, zero padding to `eval_size x eval_size` at the bottom and right (`valid` 0).
-    Adds `id`, `original_size` int32 [2], `crop_box` int32 [4] (y0, x0, y1, x1 in the original
-    image's pixels, end exclusive) and `resized_size` int32 [2] (the crop's size inside the
-    padded frame), so predictions map back onto the original image.
-    """
-    size = int(data_cfg.eval_size)
-    mode = _get(data_cfg, "eval_lesion_crop", "auto")
-    normalization = _get(data_cfg, "eval_normalization", None) or data_cfg.normalization
-
-    def fn(example: dict) -> dict:
-        box = lesion_crop.lesion_box(example, mode)
-        resized = augment.resized_hw_longer(box[2] - box[0], box[3] - box[1], size)
-        masks = (example["structures"], example["lesion"])
-        no = tf.constant([False, False])
-        image, masks, valid = augment.sample_window(
-            example["image"],
-            masks,
-            box,
-            resized,
-            tf.zeros([2], tf.int32),
-            (size, size),
-            no,
-            data_cfg.resize_method,
-        )
-        out = _finish(image, masks, valid, normalization)
-        stored = tf.shape(example["image"])[:2]
-        original = tf.cast(
-            tf.stack([example["original_height"], example["original_width"]]), tf.int32
-        )
-        # The prepared image may be a downscaled copy: express the box in original pixels.
-        ratio = tf.cast(tf.tile(original, [2]), tf.float64) / tf.cast(
-            tf.tile(stored, [2]), tf.float64
-        )
-        out["crop_box"] = tf.cast(tf.round(tf.cast(box, tf.float64) * ratio), tf.int32)
-        out["original_size"] = original
-        out["resized_size"] = resized
-        out["id"] = example["id"]
-        return out
-
-    return fn
-
-
-def _pad_batch(batch: dict, batch_size: int) -> dict:
-    missing = batch_size - tf.shape(batch["valid"])[0]
-
-    def pad(x):
-        paddings = tf.concat([[[0, missing]], tf.zeros([tf.rank(x) - 1, 2], tf.int32)], axis=0)
-        return tf.pad(x, paddings)
-
-    return {k: pad(v) for k, v in batch.items()}
-
-
-def build_eval_dataset(
-    raw: tf.data.Dataset, data_cfg: ml_collections.ConfigDict, *, batch_size: int
-) -> tf.data.Dataset:
-    """Turns raw examples into padded evaluation batches, each image exactly once, in order.
-
-    The last batch is padded to `batch_size` with all-zero examples (`valid` 0, `id` b'').
-
-    Returns:
-        Finite dataset of dicts: image float32 [B, E, E, 3], label int32 [B, E, E], structures
-        uint8 [B, E, E, 5], lesion uint8 [B, E, E], valid float32 [B, E, E], id string [B],
-        original_size int32 [B, 2], crop_box int32 [B, 4], resized_size int32 [B, 2];
-        E = `eval_size`.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    dataset = raw.map(eval_example_fn(data_cfg), num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def create_eval_dataset(
-    data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Finite iterator of padded numpy evaluation batches of a split (see `build_eval_dataset`)."""
-    raw, _ = read_split(resolve_data_dir(data_cfg), split)
-    return iter(tfds.as_numpy(build_eval_dataset(raw, data_cfg, batch_size=batch_size)))
-
-
-def preprocess_for_inference(image: np.ndarray, data_cfg: ml_collections.ConfigDict) -> dict:
-    """The evaluation transform of one raw RGB image with no ground truth (for `predict`).
-
-    Args:
-        image: uint8 [H, W, 3].
-        data_cfg: the data config ('mask' lesion crops fall back to 'auto': there is no mask).
-
-    Returns:
-        Numpy dict as one evaluation example without a batch axis: image float32 [E, E, 3],
-        valid float32 [E, E], original_size int32 [2], crop_box int32 [4], resized_size
-        int32 [2] (plus all-zero label, structures and lesion).
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"need a uint8 [H, W, 3] RGB image, got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
-    example = {
-        "id": tf.constant(""),
-        "image": tf.constant(image),
-        "structures": tf.zeros([h, w, labels.NUM_STRUCTURES], tf.uint8),
-        "lesion": tf.zeros([h, w, 1], tf.uint8),
-        "has_lesion_mask": tf.constant(False),
-        "original_height": tf.constant(h, tf.int32),
-        "original_width": tf.constant(w, tf.int32),
-    }
-    out = tf.function(eval_example_fn(data_cfg))(example)
-    return {k: v.numpy() for k, v in out.items() if k != "id"}
+def view_bytes(num_examples: int, resize_shorter: int) -> float:
+    """Estimated memory of `num_examples` training views: 4 bytes a pixel at a 4:3 aspect."""
+    return num_examples * resize_shorter**2 * _VIEW_ASPECT * _VIEW_BYTES_PER_PIXEL
 
 
 def count_classes(raw: tf.data.Dataset) -> dict[str, list[int] | int]:

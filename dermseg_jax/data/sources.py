@@ -6,7 +6,10 @@ Three layouts are read (`FORMATS`):
   `ROOT/ISIC2018_Task1-2_<Split>_Input/ISIC_<7 digits>.jpg` and
   `ROOT/ISIC2018_Task2_<Split>_GroundTruth*/ISIC_<id>_attribute_<name>.png` (0/255, may overlap),
   with lesion masks from `TASK1_DIR/ISIC2018_Task1_<Split>_GroundTruth*/ISIC_<id>_segmentation.png`
-  when `task1_dir` is given. Non-image files (LICENSE, ATTRIBUTION, metadata) are ignored.
+  when `task1_dir` is given. Non-image files (LICENSE, ATTRIBUTION, metadata) and hidden files
+  are ignored; every other entry named like an image is an example, so that one which cannot be
+  read (a broken link, a folder named `*.jpg`, a name that is not an ISIC ID) is reported, and
+  two files with one ID (`X.jpg`, `X.JPEG`) are an error naming both.
 - `isic2017-thesis`: ISIC 2017 Part 2 as the thesis stored it, images
   `ROOT/ISIC-2017_<Training|Validation|Test_v2>_Data/<ID>.jpg`, labels
   `ROOT/ISIC-2017_<...>_Part2_GroundTruth/gtann/<ID>.mat` (key `smgt`, 0..6), IDs from split
@@ -21,11 +24,8 @@ missing file, mask size != image size, non-binary mask, labels outside 0..6, mis
 empty split, and grey-scale, RGBA, palette or CMYK images (an error unless
 `allow_non_rgb=True`, which converts them to RGB: ISIC images are RGB, so anything else is
 likely a wrong file). `validate_examples` checks a whole split up front and, with
-`skip_bad=True`, drops bad examples with an absl warning instead.
-
-Large images are decoded with JPEG DCT scaling (`cv2.IMREAD_REDUCED_COLOR_2/4/8`) and resized
-to `shorter_side` (INTER_AREA for images, nearest for masks); `Example.original_size` keeps the
-source size.
+`skip_bad=True` (`--skip_bad`), drops bad examples with an absl warning and returns their
+problems, so that the caller can count and list them.
 """
 
 import collections
@@ -52,6 +52,10 @@ _ISIC2018_SPLIT_DIRS = {"train": "Training", "validation": "Validation", "test":
 _THESIS_SPLIT_DIRS = {"train": "Training", "validation": "Validation", "test": "Test_v2"}
 _THESIS_SPLIT_FILES = {"train": "train.txt", "validation": "val.txt", "test": "test.txt"}
 _ISIC_ID = re.compile(r"^(ISIC_\d{7})\.(jpg|jpeg)$", re.IGNORECASE)
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+_NOT_AN_ID = "image name is not ISIC_<7 digits>.jpg (no ground truth)"
+# How many problems one error message or warning line shows.
+_SHOWN_PROBLEMS = 10
 # Thesis split files live in the repository beside the package.
 DEFAULT_THESIS_SPLITS_DIR = Path(__file__).resolve().parents[2] / "splits" / "isic2017_seed"
 
@@ -71,6 +75,8 @@ class ExampleRef:
         label_path: thesis `.mat` labels, or None.
         lesion_path: ISIC 2018 Task 1 lesion mask, or None (no lesion mask).
         origin: where the ID came from, for error messages.
+        problem: why the listed file cannot be an example (e.g. its name is no ISIC ID), raised
+            as a `DataError` when it is read; None for a usable entry.
     """
 
     id: str
@@ -80,6 +86,7 @@ class ExampleRef:
     label_path: Path | None = None
     lesion_path: Path | None = None
     origin: str = ""
+    problem: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,11 +165,9 @@ def list_isic2018(
                 split,
             )
     refs = []
-    for path in sorted(input_dir.iterdir()):
+    for path in _image_entries(input_dir):
         match = _ISIC_ID.match(path.name)
-        if not match or not path.is_file():
-            continue  # LICENSE, ATTRIBUTION.txt, metadata and other non-image files.
-        image_id = match.group(1)
+        image_id = match.group(1) if match else path.stem
         refs.append(
             ExampleRef(
                 id=image_id,
@@ -173,11 +178,47 @@ def list_isic2018(
                 ),
                 lesion_path=lesion_dir / f"{image_id}_segmentation.png" if lesion_dir else None,
                 origin=str(input_dir),
+                problem=None if match else _NOT_AN_ID,
             )
         )
     if not refs:
         raise DataError(f"{input_dir}: empty split {split!r}: no ISIC_<7 digits>.jpg images")
+    check_unique_ids(refs)
     return refs
+
+
+def _image_entries(folder: Path) -> list[Path]:
+    """Entries named like images, files or not (hidden files aside), sorted by name."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def check_unique_ids(refs: Sequence[ExampleRef]) -> None:
+    """Raises `DataError` naming both files when two examples share an ID (`X.jpg`, `X.JPEG`).
+
+    TFDS would only fail when it finalises the split, with both examples dumped into the log.
+    """
+    first: dict[str, ExampleRef] = {}
+    clashes = []
+    for ref in refs:
+        other = first.setdefault(ref.id, ref)
+        if other is not ref:
+            clashes.append(f"{other.image_path}: ID {ref.id} also used by {ref.image_path.name}")
+    if clashes:
+        raise DataError(
+            f"{refs[0].split} split: {len(clashes)} image ID(s) used twice: "
+            + _join_problems(clashes),
+            hint="keep one image file per ID",
+        )
+
+
+def _join_problems(problems: Sequence[str]) -> str:
+    """The first problems on one line, then how many more there are."""
+    more = len(problems) - _SHOWN_PROBLEMS
+    return "; ".join(problems[:_SHOWN_PROBLEMS]) + (f"; ... and {more} more" if more > 0 else "")
 
 
 def read_split_file(path: str | os.PathLike) -> list[tuple[int, str]]:
@@ -273,6 +314,8 @@ def read_example(
     Raises:
         DataError: naming the file and the problem.
     """
+    if ref.problem is not None:
+        raise DataError(f"{ref.image_path}: {ref.problem}")
     image, size, jpeg = decoding.decode_image(ref, shorter_side, allow_non_rgb)
     target = image.shape[:2]
     lesion = None
@@ -324,7 +367,7 @@ def validate_examples(
     skip_bad: bool = False,
     num_workers: int = 4,
     progress: bool = False,
-) -> list[ExampleRef]:
+) -> tuple[list[ExampleRef], list[str]]:
     """Reads every example of `refs` once and returns those that are good.
 
     Args:
@@ -335,10 +378,10 @@ def validate_examples(
         progress: show a tqdm progress bar.
 
     Returns:
-        The good refs, in order.
+        (the good refs in order, one "file: problem" line per skipped example).
 
     Raises:
-        DataError: listing every bad example (unless skip_bad), or when no example is good.
+        DataError: naming the bad files on one line (unless skip_bad), or when none is good.
     """
     if not refs:
         raise DataError("empty split: no examples listed")
@@ -360,53 +403,14 @@ def validate_examples(
         else:
             good.append(ref)
     split = refs[0].split
+    count = f"{len(problems)} of {len(refs)} {split} examples are bad"
     if problems and not skip_bad:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(
-            f"{len(problems)} of {len(refs)} {split} examples are bad "
-            f"(skip_bad=True skips them):\n  {shown}{more}"
-        )
+        raise DataError(f"{count}: {_join_problems(problems)}", hint="--skip_bad skips them")
     if problems:
-        logging.warning(
-            "Skipped %d of %d bad %s examples: %s",
-            len(problems),
-            len(refs),
-            split,
-            "; ".join(problems[:10]),
-        )
+        logging.warning("Skipping them: %s: %s", count, _join_problems(problems))
     if not good:
         raise DataError(f"empty split {split!r}: all {len(refs)} examples are bad")
-    return good
-
-
-def iter_examples(
-    refs: Sequence[ExampleRef],
-    *,
-    shorter_side: int | None = DEFAULT_SHORTER_SIDE,
-    allow_non_rgb: bool = False,
-    skip_bad: bool = False,
-    num_workers: int = 4,
-) -> Iterator[Example]:
-    """Reads `refs` in order with `num_workers` threads, raising or skipping bad examples.
-
-    With `skip_bad`, bad examples are dropped and counted in an absl warning at the end.
-    """
-
-    def read(ref):
-        return read_example(ref, shorter_side=shorter_side, allow_non_rgb=allow_non_rgb)
-
-    skipped = 0
-    for result in parallel_map(read, refs, num_workers):
-        if isinstance(result, DataError) and skip_bad:
-            logging.warning("Skipping bad example: %s", result)
-            skipped += 1
-        elif isinstance(result, Exception):
-            raise result
-        else:
-            yield result
-    if skipped:
-        logging.warning("Skipped %d of %d bad examples", skipped, len(refs))
+    return good, problems
 
 
 def _check_split(split: str) -> str:

@@ -156,7 +156,7 @@ class DermsegStructures(tfds.core.GeneratorBasedBuilder):
                 None lists every split present under the manual directory.
             task1_dir, splits_dir: as in `sources.list_examples`.
             shorter_side, allow_non_rgb: as in `sources.read_example`.
-            skip_bad: skip bad examples (counted in `skipped`) instead of raising.
+            skip_bad: skip bad examples (listed in `skipped`) instead of raising.
             num_workers: decoding threads.
             **kwargs: `tfds.core.GeneratorBasedBuilder` arguments (`config`, `data_dir`, ...).
         """
@@ -167,7 +167,8 @@ class DermsegStructures(tfds.core.GeneratorBasedBuilder):
         self._skip_bad = skip_bad
         self._num_workers = num_workers
         self.class_counts: dict[str, dict[str, Any]] = {}
-        self.skipped: dict[str, int] = {}
+        # Per split, one "file: problem" line per example skipped under skip_bad.
+        self.skipped: dict[str, list[str]] = {}
 
     def _info(self) -> tfds.core.DatasetInfo:
         zlib = tfds.features.Encoding.ZLIB
@@ -206,6 +207,8 @@ class DermsegStructures(tfds.core.GeneratorBasedBuilder):
             }
         if not refs:
             raise sources.DataError(f"{dl_manager.manual_dir}: no split found")
+        for split_refs in refs.values():
+            sources.check_unique_ids(split_refs)  # TFDS would fail only when finalising
         return {
             split: self._generate_examples(split, split_refs) for split, split_refs in refs.items()
         }
@@ -218,20 +221,18 @@ class DermsegStructures(tfds.core.GeneratorBasedBuilder):
             return to_features(example), count_example(example)
 
         totals = self.class_counts.setdefault(split, {})
-        self.skipped[split] = 0
+        skipped = self.skipped.setdefault(split, [])
         for ref, result in zip(
             refs, sources.parallel_map(encode, refs, self._num_workers), strict=True
         ):
             if isinstance(result, sources.DataError) and self._skip_bad:
                 logging.warning("Skipping bad example: %s", result)
-                self.skipped[split] += 1
+                skipped.append(str(result))
                 continue
             if isinstance(result, Exception):
                 raise result
             features, counts = result
             _add_counts(totals, counts)
             yield ref.id, features
-        if self.skipped[split]:
-            logging.warning(
-                "Skipped %d of %d bad %s examples", self.skipped[split], len(refs), split
-            )
+        if skipped:
+            logging.warning("Skipped %d of %d bad %s examples", len(skipped), len(refs), split)

@@ -1,8 +1,10 @@
 """Model construction from config, parameter groups and parameter counting.
 
-`create_model(model_cfg)` builds `InceptionUNet` from the config fields of docs/design.md;
-`param_groups(params)` labels each leaf with its thesis group for per-group learning rates
-and freezing. This package never imports TensorFlow or PyTorch (see `torch_baseline.py`).
+`create_model(model_cfg, platform=...)` builds `InceptionUNet` from the config fields of
+docs/design.md, with its kernel set and compute dtype resolved for the platform that will run
+it (`layers.resolve_kernels`, `layers.resolve_dtype`); `param_groups(params)` labels each leaf
+with its thesis group for per-group learning rates and freezing. This package never imports
+TensorFlow or PyTorch (see `torch_baseline.py`).
 """
 
 from typing import Any
@@ -12,14 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dermseg_jax.models.inception_v3 import L1_LAYERS, L2_LAYERS, L3_LAYERS, InceptionV3Encoder
-from dermseg_jax.models.unet import InceptionUNet, NarrowUNet, ThesisUNet, encoder_sizes
+from dermseg_jax.models.layers import resolve_dtype, resolve_kernels
+from dermseg_jax.models.unet import InceptionUNet, encoder_sizes
 
 __all__ = [
     "GROUPS",
     "InceptionUNet",
     "InceptionV3Encoder",
-    "NarrowUNet",
-    "ThesisUNet",
     "abstract_variables",
     "count_params",
     "create_model",
@@ -36,27 +37,25 @@ _ENCODER_GROUP = {
 }
 
 
-def _field(model_cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(model_cfg, dict):
-        return model_cfg.get(name, default)
-    return getattr(model_cfg, name, default)
-
-
-def create_model(model_cfg: Any) -> InceptionUNet:
-    """Builds the network from a model config.
+def create_model(model_cfg: Any, platform: str | None = None) -> InceptionUNet:
+    """Builds the network from a model config, for the platform that will run it.
 
     Args:
-        model_cfg: a `ml_collections.ConfigDict`, dict or any object with the fields `head`,
-            `width`, `aspp_rates`, `dropout_rate`, `bn_momentum`, `dtype` (docs/design.md).
-            Optional: `deconv_impl` ('subpixel' default | 'xla', see `transposed_conv.py`).
-            Other fields (e.g. `encoder_only`) are ignored.
+        model_cfg: a `ml_collections.ConfigDict` or dict with the fields `head`, `width`,
+            `aspp_rates`, `dropout_rate`, `bn_momentum`, `dtype` ('auto' | 'float32' |
+            'bfloat16') and optionally `kernels` ('auto' default | 'xla' | 'cpu_tuned')
+            (docs/design.md). Other fields (e.g. `encoder_only`) are ignored.
+        platform: where the model will run: 'cpu', 'gpu', 'cuda', 'rocm' or 'tpu'; None =
+            `jax.default_backend()`. A CPU host builds the GPU/TPU program (e.g. for
+            `jax.export`) by naming that platform.
 
     Returns:
-        An `InceptionUNet`; `model.apply(variables, x [N, H, W, 3], train=...)` gives logits
-        [N, H, W, 6 or 5].
+        An `InceptionUNet` with `kernels` and `dtype` resolved ('auto' -> 'cpu_tuned' and
+        float32 on the CPU, 'xla' and bfloat16 elsewhere); `model.apply(variables,
+        x [N, H, W, 3], train=...)` gives float32 logits [N, H, W, 6 or 5].
     """
     absent = object()
-    kwargs = {field: _field(model_cfg, field, absent) for field in _MODEL_FIELDS}
+    kwargs = {field: model_cfg.get(field, absent) for field in _MODEL_FIELDS}
     missing = [field for field, value in kwargs.items() if value is absent]
     if missing:
         raise ValueError(f"model config lacks the field(s) {missing}; it needs {_MODEL_FIELDS}.")
@@ -64,7 +63,9 @@ def create_model(model_cfg: Any) -> InceptionUNet:
     kwargs["width"] = float(kwargs["width"])
     kwargs["dropout_rate"] = float(kwargs["dropout_rate"])
     kwargs["bn_momentum"] = float(kwargs["bn_momentum"])
-    kwargs["deconv_impl"] = str(_field(model_cfg, "deconv_impl", None) or "subpixel")
+    # Optional: model directories written before the switch existed lack it.
+    kwargs["kernels"] = resolve_kernels(str(model_cfg.get("kernels", "auto")), platform)
+    kwargs["dtype"] = resolve_dtype(str(kwargs["dtype"]), platform)
     return InceptionUNet(**kwargs)
 
 
@@ -84,9 +85,9 @@ def abstract_variables(model_cfg: Any = None, *, encoder_only: bool = False) -> 
         x = jnp.zeros((1, 128, 128, 3), jnp.float32)
         v = jax.eval_shape(lambda: encoder.init(jax.random.key(0), x, train=False))
         return {col: {"encoder": v[col]} for col in ("params", "batch_stats")}
-    rates = tuple(int(r) for r in _field(model_cfg, "aspp_rates"))
+    rates = tuple(int(r) for r in model_cfg["aspp_rates"])
     model = InceptionUNet(
-        head=_field(model_cfg, "head"), width=float(_field(model_cfg, "width")), aspp_rates=rates
+        head=model_cfg["head"], width=float(model_cfg["width"]), aspp_rates=rates, kernels="xla"
     )
     # Shapes do not depend on the input size; pick one whose l2 map fits the largest rate.
     side = 128

@@ -50,10 +50,12 @@ class ASPPBranch(nn.Module):
     rate: int
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         d = self.rate
+        kw = dict(dtype=self.dtype, kernels=self.kernels)
         layers = (
             dict(kernel_dilation=(d, d), padding=((d, d), (d, d))),
             dict(padding=((1, 1), (1, 1))),
@@ -64,13 +66,13 @@ class ASPPBranch(nn.Module):
                 self.features,
                 (3, 3),
                 kernel_init=xavier_normal,
-                dtype=self.dtype,
                 name=f"conv{i}",
                 **kwargs,
+                **kw,
             )(x)
-            x = BatchNorm(
-                momentum=self.bn_momentum, epsilon=1e-5, relu=True, dtype=self.dtype, name=f"bn{i}"
-            )(x, use_running_average=not train)
+            x = BatchNorm(momentum=self.bn_momentum, epsilon=1e-5, relu=True, name=f"bn{i}", **kw)(
+                x, use_running_average=not train
+            )
         return x
 
 
@@ -82,12 +84,14 @@ class ASPP(nn.Module):
         features: channels per branch (thesis 256).
         bn_momentum: Flax BatchNorm momentum.
         dtype: compute dtype.
+        kernels: kernel set (`layers.KERNEL_CHOICES`).
     """
 
     rates: Sequence[int] = (2, 3, 4)
     features: int = 256
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -107,6 +111,7 @@ class ASPP(nn.Module):
                 int(rate),
                 bn_momentum=self.bn_momentum,
                 dtype=self.dtype,
+                kernels=self.kernels,
                 name=f"branch{i}",
             )(x, train=train)
             for i, rate in enumerate(self.rates, start=1)

@@ -13,7 +13,8 @@ Two PyTorch formats are read:
 Layouts: conv OIHW -> HWIO and ConvTranspose [in, out, kh, kw] -> [kh, kw, out, in] are both
 `transpose(2, 3, 1, 0)` (see `layers.ConvTranspose`); BatchNorm weight/bias/running_mean/
 running_var -> scale/bias/mean/var; `num_batches_tracked` is dropped (momentum is fixed, so it
-is never read). Values may be numpy arrays or CPU torch tensors.
+is never read). Values may be numpy arrays or CPU torch tensors. Errors are `UserError`s of one
+line (the key listings are capped), since the CLI shows only one line.
 """
 
 import re
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dermseg_jax.errors import UserError
 from dermseg_jax.models import abstract_variables
 from dermseg_jax.models.unet import HEAD_CHANNELS, scaled
 
@@ -54,6 +56,8 @@ _LEAF = {
 # torchvision inception_v3 parts the encoder does not use.
 _TORCHVISION_UNUSED = re.compile(r"^(Mixed_6|Mixed_7|AuxLogits\.|fc\.)")
 _MAX_LISTED = 20
+# torch.nn.DataParallel and DistributedDataParallel save every key under this prefix.
+DATA_PARALLEL_PREFIX = "module."
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -140,8 +144,35 @@ def _convert(state_dict, abstract, ignorable, *, torchvision_names, source):
             node = node.setdefault(name, {})
         node[path[-1]] = np.ascontiguousarray(_to_flax_layout(array)).astype(np.float32)
     if problems:
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+        raise UserError(f"{source} does not match the model: " + "; ".join(problems))
     return out
+
+
+def strip_data_parallel_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Removes the `module.` prefix that a DataParallel-wrapped model puts on every key.
+
+    Args:
+        state_dict: any state dict.
+
+    Returns:
+        (the state dict, whether the prefix was removed); only removed when every key has it.
+    """
+    if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+        return {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in state_dict.items()}, True
+    return dict(state_dict), False
+
+
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """`'<key> (<n> NaN, <m> inf)'` for every floating-point tensor with non-finite values."""
+    found = []
+    for key in sorted(state_dict):
+        array = _to_numpy(state_dict[key])
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        if nan or inf:
+            found.append(f"{key} ({nan} NaN, {inf} inf)")
+    return found
 
 
 def strip_inception_aliases(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,23 +211,23 @@ def detect_model_config(state_dict: Mapping[str, Any], *, source: str = "state d
         {'head': 'softmax'|'sigmoid', 'width': float, 'num_aspp_branches': int}.
 
     Raises:
-        ValueError: if the keys or shapes do not look like the thesis network.
+        UserError: if the keys or shapes do not look like the thesis network.
     """
 
     def shape(key):
         if key not in state_dict:
-            raise ValueError(
+            raise UserError(
                 f"{source} is not a thesis-format state dict: key {key!r} is missing "
-                f"(keys found: {_listing(state_dict)})."
+                f"(keys found: {_listing(state_dict)})"
             )
         return tuple(_to_numpy(state_dict[key]).shape)
 
     num_classes = shape("l7.6.weight")[0]
     heads = {c: h for h, c in HEAD_CHANNELS.items()}
     if num_classes not in heads:
-        raise ValueError(
+        raise UserError(
             f"{source}: the head l7.6.weight has {num_classes} outputs; expected 6 (softmax) or "
-            "5 (sigmoid)."
+            "5 (sigmoid)"
         )
     branches = 0
     while f"a{branches + 1}.0.weight" in state_dict:
@@ -213,9 +244,10 @@ def detect_model_config(state_dict: Mapping[str, Any], *, source: str = "state d
     for width in candidates:
         if all(scaled(c, width) == n for c, n in found.items()):
             return {"head": heads[num_classes], "width": width, "num_aspp_branches": branches}
-    raise ValueError(
+    raise UserError(
         f"{source}: no width multiplier explains the channel counts "
-        f"{ {f'thesis {c}': n for c, n in found.items()} }; pass the width explicitly."
+        f"{ {f'thesis {c}': n for c, n in found.items()} }",
+        hint="pass the width with --width",
     )
 
 
@@ -233,14 +265,15 @@ def torch_to_flax(
         {'params', 'batch_stats'} nested dicts of float32 numpy arrays.
 
     Raises:
-        ValueError: listing missing keys, unexpected keys and shape mismatches.
+        UserError: listing missing keys, unexpected keys and shape mismatches (one line).
     """
     branches = sum(1 for k in state_dict if re.fullmatch(r"a\d+\.0\.weight", k))
     rates = tuple(model_cfg["aspp_rates"])
     if branches and branches != len(rates):
-        raise ValueError(
+        raise UserError(
             f"{source} has {branches} ASPP branches (a1..a{branches}) but the model config's "
-            f"aspp_rates {rates} ask for {len(rates)}."
+            f"aspp_rates {rates} ask for {len(rates)}",
+            hint="pass matching rates with --aspp-rates",
         )
     return _convert(
         strip_inception_aliases(state_dict),
@@ -290,7 +323,7 @@ def flax_to_torch(variables: Mapping) -> dict[str, np.ndarray]:
         for path, leaf in jax.tree_util.tree_flatten_with_path(variables[col])[0]:
             path = tuple(p.key for p in path)
             if path[0] not in ("encoder", "aspp", "decoder"):
-                raise ValueError(f"unknown variable {col}/{'/'.join(path)}.")
+                raise UserError(f"unknown variable {col}/{'/'.join(path)} in the model")
             key = torch_key(col, path)
             out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(leaf)))
             if col == "batch_stats" and path[-1] == "mean":

@@ -18,9 +18,6 @@ from dermseg_jax.models.layers import BatchNorm, Conv
 L1_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3")
 L2_LAYERS = ("Conv2d_3b_1x1", "Conv2d_4a_3x3")
 L3_LAYERS = ("Mixed_5b", "Mixed_5c", "Mixed_5d")
-ENCODER_LAYERS = L1_LAYERS + L2_LAYERS + L3_LAYERS
-# Channels of the features the encoder returns (l1, l2, l3).
-FEATURE_CHANNELS = (64, 192, 288)
 
 # torchvision initialises Inception convs from N(0, 0.1) truncated at +-2 (i.e. +-20 sigma).
 _conv_init = nn.initializers.normal(0.1)
@@ -35,10 +32,12 @@ class BasicConv2d(nn.Module):
     padding: int = 0
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         pad = ((self.padding, self.padding),) * 2
+        kw = dict(dtype=self.dtype, kernels=self.kernels)
         x = Conv(
             self.features,
             (self.kernel_size, self.kernel_size),
@@ -46,12 +45,12 @@ class BasicConv2d(nn.Module):
             padding=pad,
             use_bias=False,
             kernel_init=_conv_init,
-            dtype=self.dtype,
             name="conv",
+            **kw,
         )(x)
-        return BatchNorm(
-            momentum=self.bn_momentum, epsilon=1e-3, relu=True, dtype=self.dtype, name="bn"
-        )(x, use_running_average=not train)
+        return BatchNorm(momentum=self.bn_momentum, epsilon=1e-3, relu=True, name="bn", **kw)(
+            x, use_running_average=not train
+        )
 
 
 class InceptionA(nn.Module):
@@ -60,6 +59,7 @@ class InceptionA(nn.Module):
     pool_features: int
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -70,6 +70,7 @@ class InceptionA(nn.Module):
                 padding=padding,
                 bn_momentum=self.bn_momentum,
                 dtype=self.dtype,
+                kernels=self.kernels,
                 name=name,
             )
 
@@ -92,10 +93,12 @@ class InceptionV3Encoder(nn.Module):
     Attributes:
         bn_momentum: Flax BatchNorm momentum (1 - PyTorch momentum).
         dtype: compute dtype.
+        kernels: kernel set (`layers.KERNEL_CHOICES`).
     """
 
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -109,7 +112,7 @@ class InceptionV3Encoder(nn.Module):
             (l1 [N, h1, w1, 64], l2 [N, h2, w2, 192], l3 [N, h3, w3, 288]); at H = W = 128 the
             sizes are 61, 28 and 13.
         """
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype)
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype, kernels=self.kernels)
         x = x.astype(self.dtype)
         x = BasicConv2d(32, 3, stride=2, name="Conv2d_1a_3x3", **kw)(x, train=train)
         x = BasicConv2d(32, 3, name="Conv2d_2a_3x3", **kw)(x, train=train)

@@ -1,34 +1,94 @@
-"""Layers with PyTorch semantics that Flax does not provide: BatchNorm, ConvTranspose, Conv.
+"""The layers with PyTorch semantics (Conv, ConvTranspose, BatchNorm) and the kernel switch.
 
-`BatchNorm` keeps Flax's variable names (`params/{scale,bias}`, `batch_stats/{mean,var}`) and
-momentum convention (weight of the old running value, = 1 - PyTorch momentum), but updates the
-running variance with the unbiased batch variance as `torch.nn.BatchNorm2d` does; Flax's own
-BatchNorm uses the biased one, which drifts from PyTorch by a factor n / (n - 1) at 13x13 maps.
-In training it normalises with `batch_norm.batch_norm` (fused ReLU, hand-written gradient).
+This is the one place that chooses how the layers compute: `model.kernels` 'xla' (plain XLA
+operations and JAX's autodiff, for GPU/TPU) or 'cpu_tuned' (`models/kernels/`: hand-written
+backward passes for XLA:CPU), with 'auto' resolved from the target platform, and the compute
+dtype, with 'auto' = bfloat16 on accelerators. Both kernel sets use the same parameters, so a
+checkpoint trained with one runs with the other (docs/kernels.md).
 
-`ConvTranspose` is PyTorch's `ConvTranspose2d` (padding 0) whose output size is set by the
-caller: the thesis' `output_padding` generalised to any (also negative) amount, so a decoder
-stage can be aligned to its skip connection at any input size. Its arithmetic lives in
-`transposed_conv.py` (a fast sub-pixel form by default, `lax.conv_transpose` on request).
-
-`Conv` is `flax.linen.Conv` (same parameter names, shapes and arithmetic) backed by
-`conv.conv2d`, whose backward pass computes each kernel gradient together with the input
-gradient instead of leaving XLA:CPU's scheduler to defer it (less memory).
+`BatchNorm` keeps Flax's variable names and momentum convention but updates the running
+variance with the unbiased batch variance, as `torch.nn.BatchNorm2d` does.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dermseg_jax.models.batch_norm import batch_norm
-from dermseg_jax.models.conv import conv2d
-from dermseg_jax.models.transposed_conv import conv_transpose
+from dermseg_jax.errors import UserError
+from dermseg_jax.models.kernels import batch_norm, conv, transposed_conv, xla
+
+
+class Kernels(NamedTuple):
+    """The functions behind the layers (signatures: `kernels.xla`)."""
+
+    conv2d: Any
+    conv_transpose: Any
+    batch_norm: Any
+
+
+KERNELS = {
+    "xla": Kernels(xla.conv2d, xla.conv_transpose, xla.batch_norm),
+    "cpu_tuned": Kernels(conv.conv2d, transposed_conv.conv_transpose, batch_norm.batch_norm),
+}
+KERNEL_CHOICES = ("auto", *KERNELS)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 # torch.nn.init.xavier_normal_ draws from an untruncated normal; JAX's glorot_normal truncates.
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+
+def _is_cpu(platform: str | None) -> bool:
+    # jax.default_backend() says 'cpu' | 'gpu' | 'tpu'; jax.export names 'cpu' | 'cuda' | ...
+    return (jax.default_backend() if platform is None else platform).lower() == "cpu"
+
+
+def resolve_kernels(kernels: str, platform: str | None = None) -> str:
+    """The kernel set `model.kernels` means on `platform` ('xla' or 'cpu_tuned').
+
+    Args:
+        kernels: 'auto' | 'xla' | 'cpu_tuned'.
+        platform: 'cpu', 'gpu', 'cuda', 'rocm' or 'tpu'; None = `jax.default_backend()`.
+
+    Returns:
+        'cpu_tuned' for 'auto' on the CPU, 'xla' for 'auto' elsewhere, else `kernels`.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise UserError(
+            f"config model.kernels={kernels!r} is not one of {KERNEL_CHOICES}",
+            hint="pass --config.model.kernels=auto (or xla, cpu_tuned)",
+        )
+    if kernels != "auto":
+        return kernels
+    return "cpu_tuned" if _is_cpu(platform) else "xla"
+
+
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+    """The compute dtype `model.dtype` means on `platform` ('float32' or 'bfloat16').
+
+    Args:
+        dtype: 'auto' | 'float32' | 'bfloat16'.
+        platform: as in `resolve_kernels`.
+
+    Returns:
+        'float32' for 'auto' on the CPU, 'bfloat16' for 'auto' elsewhere, else `dtype`.
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(
+            f"config model.dtype={dtype!r} is not one of {DTYPE_CHOICES}",
+            hint="pass --config.model.dtype=auto (or float32, bfloat16)",
+        )
+    if dtype != "auto":
+        return dtype
+    return "float32" if _is_cpu(platform) else "bfloat16"
+
+
+def kernel_set(kernels: str) -> Kernels:
+    """The functions of a kernel set name ('auto' resolved for `jax.default_backend()`)."""
+    return KERNELS[resolve_kernels(kernels)]
 
 
 class BatchNorm(nn.Module):
@@ -38,15 +98,16 @@ class BatchNorm(nn.Module):
         momentum: weight of the old running value (Flax convention; PyTorch m -> 1 - m).
         epsilon: added to the variance (1e-3 in torchvision's Inception, 1e-5 elsewhere).
         relu: apply ReLU to the result (every BatchNorm of the thesis network but the logits'
-            is followed by one); in training it is part of `batch_norm.batch_norm`, whose
-            hand-written gradient is much faster on the CPU than the op-by-op one.
+            is followed by one; part of the kernel, so the CPU kernel fuses it).
         dtype: compute dtype of the output; statistics are always computed in float32.
+        kernels: kernel set ('auto' | 'xla' | 'cpu_tuned').
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     relu: bool = False
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
@@ -61,7 +122,8 @@ class BatchNorm(nn.Module):
             y = x.astype(jnp.float32) * mul + (bias - ra_mean.value * mul)
             y = jnp.maximum(y, 0) if self.relu else y
             return y.astype(self.dtype)
-        y, mean, var = batch_norm(x, scale, bias, self.epsilon, self.relu)
+        normalise = kernel_set(self.kernels).batch_norm
+        y, mean, var = normalise(x, scale, bias, self.epsilon, self.relu)
         if not self.is_initializing():
             n = x.size // features
             unbiased = var * (n / max(n - 1, 1))
@@ -83,15 +145,14 @@ class ConvTranspose(nn.Module):
         kernel_size: square kernel side k.
         stride: stride s.
         dtype: compute dtype; parameters stay float32.
-        implementation: 'subpixel' (default; its backward pass is far faster on CPU) or 'xla'
-            (`lax.conv_transpose`); equal up to float rounding (`transposed_conv.py`).
+        kernels: kernel set ('auto' | 'xla' | 'cpu_tuned').
     """
 
     features: int
     kernel_size: int
     stride: int = 2
     dtype: Any = jnp.float32
-    implementation: str = "subpixel"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_hw: tuple[int, int]) -> jax.Array:
@@ -104,19 +165,20 @@ class ConvTranspose(nn.Module):
         Returns:
             [N, H_out, W_out, features].
         """
-        k, s = self.kernel_size, self.stride
+        k = self.kernel_size
         kernel = self.param(
             "kernel", xavier_normal, (k, k, self.features, x.shape[-1]), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = conv_transpose(
-            x.astype(self.dtype), kernel.astype(self.dtype), s, output_hw, self.implementation
+        output_hw = tuple(int(v) for v in output_hw)
+        y = kernel_set(self.kernels).conv_transpose(
+            x.astype(self.dtype), kernel.astype(self.dtype), int(self.stride), output_hw
         )
         return y + bias.astype(self.dtype)
 
 
 class Conv(nn.Module):
-    """`nn.Conv` for NHWC images with explicit integer padding, backed by `conv.conv2d`.
+    """`nn.Conv` for NHWC images with explicit integer padding, on the chosen kernel set.
 
     Parameters `kernel` [kh, kw, C_in, features] and `bias` [features] are `nn.Conv`'s, so
     checkpoints and the PyTorch conversion do not depend on which of the two built them.
@@ -130,6 +192,7 @@ class Conv(nn.Module):
         use_bias: add a bias (zeros at init).
         kernel_init: kernel initialiser.
         dtype: compute dtype; parameters stay float32.
+        kernels: kernel set ('auto' | 'xla' | 'cpu_tuned').
     """
 
     features: int
@@ -140,6 +203,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: Any = xavier_normal
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,7 +212,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         padding = ((0, 0), (0, 0)) if self.padding == "VALID" else self.padding
         padding = tuple(tuple(int(v) for v in pair) for pair in padding)
-        y = conv2d(
+        y = kernel_set(self.kernels).conv2d(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             tuple(self.strides),

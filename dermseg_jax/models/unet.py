@@ -18,10 +18,17 @@ import jax.numpy as jnp
 
 from dermseg_jax.models.aspp import ASPP, check_rates
 from dermseg_jax.models.inception_v3 import InceptionV3Encoder
-from dermseg_jax.models.layers import BatchNorm, Conv, ConvTranspose, xavier_normal
+from dermseg_jax.models.layers import (
+    DTYPES,
+    BatchNorm,
+    Conv,
+    ConvTranspose,
+    resolve_dtype,
+    resolve_kernels,
+    xavier_normal,
+)
 
 HEAD_CHANNELS = {"softmax": 6, "sigmoid": 5}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Smallest input side for which every default-rate layer is well defined; the contract
 # (docs/design.md) promises H, W >= 75, torchvision's own minimum for Inception v3.
 MIN_INPUT_SIZE = 75
@@ -49,18 +56,13 @@ class UpStage(nn.Module):
     dropout_rate: float = 0.0
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
-    deconv_impl: str = "subpixel"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_hw: tuple[int, int], *, train: bool) -> jax.Array:
-        bn = functools.partial(BatchNorm, momentum=self.bn_momentum, relu=True, dtype=self.dtype)
-        x = ConvTranspose(
-            self.up_features,
-            self.kernel_size,
-            dtype=self.dtype,
-            implementation=self.deconv_impl,
-            name="deconv",
-        )(x, output_hw)
+        kw = dict(dtype=self.dtype, kernels=self.kernels)
+        bn = functools.partial(BatchNorm, momentum=self.bn_momentum, relu=True, **kw)
+        x = ConvTranspose(self.up_features, self.kernel_size, name="deconv", **kw)(x, output_hw)
         x = bn(name="deconv_bn")(x, use_running_average=not train)
         if self.dropout_rate > 0:
             # Dropout2d: one draw per (image, channel), shared over H and W.
@@ -70,8 +72,8 @@ class UpStage(nn.Module):
             (3, 3),
             padding=((1, 1), (1, 1)),
             kernel_init=xavier_normal,
-            dtype=self.dtype,
             name="conv",
+            **kw,
         )(x)
         return bn(name="conv_bn")(x, use_running_average=not train)
 
@@ -84,7 +86,7 @@ class Decoder(nn.Module):
     dropout_rate: float = 0.5
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
-    deconv_impl: str = "subpixel"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(
@@ -109,7 +111,7 @@ class Decoder(nn.Module):
             [N, H, W, num_classes] logits in the compute dtype.
         """
         w = self.width
-        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype, deconv_impl=self.deconv_impl)
+        kw = dict(bn_momentum=self.bn_momentum, dtype=self.dtype, kernels=self.kernels)
         x = UpStage(scaled(800, w), scaled(512, w), 3, name="l5", **kw)(
             x, l2.shape[1:3], train=train
         )
@@ -119,10 +121,9 @@ class Decoder(nn.Module):
         )(x, l1.shape[1:3], train=train)
         x = jnp.concatenate([x, l1.astype(x.dtype)], axis=-1)
         x = UpStage(scaled(256, w), scaled(256, w), 7, name="l7", **kw)(x, output_hw, train=train)
-        x = Conv(
-            self.num_classes, (1, 1), kernel_init=xavier_normal, dtype=self.dtype, name="head"
-        )(x)
-        return BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name="head_bn")(
+        head_kw = dict(dtype=self.dtype, kernels=self.kernels)
+        x = Conv(self.num_classes, (1, 1), kernel_init=xavier_normal, name="head", **head_kw)(x)
+        return BatchNorm(momentum=self.bn_momentum, name="head_bn", **head_kw)(
             x, use_running_average=not train
         )
 
@@ -136,9 +137,10 @@ class InceptionUNet(nn.Module):
         aspp_rates: one dilation rate per ASPP branch (thesis (2, 3, 4)).
         dropout_rate: channel dropout in l6 (thesis 0.5).
         bn_momentum: Flax BatchNorm momentum = 1 - PyTorch momentum (thesis 0.992).
-        dtype: compute dtype name, 'float32' or 'bfloat16'; parameters stay float32.
-        deconv_impl: transposed-convolution formulation, 'subpixel' (fast, default) or 'xla'
-            (`lax.conv_transpose`); same function up to float rounding, same parameters.
+        dtype: compute dtype name, 'float32', 'bfloat16' or 'auto' (bfloat16 on GPU/TPU,
+            float32 on the CPU: `layers.resolve_dtype`); parameters stay float32.
+        kernels: 'xla', 'cpu_tuned' or 'auto' (`layers.resolve_kernels`); same function up to
+            float rounding, same parameters.
     """
 
     head: str = "softmax"
@@ -147,7 +149,7 @@ class InceptionUNet(nn.Module):
     dropout_rate: float = 0.5
     bn_momentum: float = 0.992
     dtype: str = "float32"
-    deconv_impl: str = "subpixel"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -163,8 +165,6 @@ class InceptionUNet(nn.Module):
         """
         if self.head not in HEAD_CHANNELS:
             raise ValueError(f"head must be one of {sorted(HEAD_CHANNELS)}, got {self.head!r}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.width <= 0:
             raise ValueError(f"width must be > 0, got {self.width}.")
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -174,13 +174,17 @@ class InceptionUNet(nn.Module):
             raise ValueError(f"input H, W must be >= {MIN_INPUT_SIZE}, got {hw[0]}x{hw[1]}.")
         l2_hw = (encoder_sizes(hw[0])[1], encoder_sizes(hw[1])[1])
         check_rates(self.aspp_rates, l2_hw)
-        dtype = DTYPES[self.dtype]
-        l1, l2, l3 = InceptionV3Encoder(self.bn_momentum, dtype, name="encoder")(x, train=train)
+        dtype = DTYPES[resolve_dtype(self.dtype)]
+        kernels = resolve_kernels(self.kernels)
+        l1, l2, l3 = InceptionV3Encoder(self.bn_momentum, dtype, kernels, name="encoder")(
+            x, train=train
+        )
         a = ASPP(
             tuple(self.aspp_rates),
             scaled(256, self.width),
             bn_momentum=self.bn_momentum,
             dtype=dtype,
+            kernels=kernels,
             name="aspp",
         )(l2, train=train)
         x = jnp.concatenate([a, l3], axis=-1)
@@ -190,13 +194,8 @@ class InceptionUNet(nn.Module):
             self.dropout_rate,
             self.bn_momentum,
             dtype,
-            deconv_impl=self.deconv_impl,
+            kernels=kernels,
             name="decoder",
         )(x, l1, l2, hw, train=train)
         # Losses and softmax want float32 even when the network computes in bfloat16.
         return logits.astype(jnp.float32)
-
-
-ThesisUNet = functools.partial(InceptionUNet, width=1.0, head="softmax", aspp_rates=(2, 3, 4))
-# A narrow variant for fast pipeline tests; the encoder is unchanged (it loads ImageNet weights).
-NarrowUNet = functools.partial(InceptionUNet, width=0.125)

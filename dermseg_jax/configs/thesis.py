@@ -2,30 +2,41 @@
 
 COMMAND:
     python -m dermseg_jax.data.prepare --format=isic2017-thesis --root=/path/to/db_isic \
-        --splits_dir=splits/isic2017_seed --out=data/isic2017
+        --splits_dir=splits/isic2017_seed --out=data/isic2017 --shorter_side=0
     python -m dermseg_jax.convert --torchvision-inception inception_v3_google.pth \
         --out models/inception_v3_imagenet
-    python -m dermseg_jax.train --config=configs/thesis.py --workdir=runs/thesis \
+    python -m dermseg_jax.train --config=dermseg_jax/configs/thesis.py --workdir=runs/thesis \
         --config.data.data_dir=data/isic2017 \
         --config.init_from=models/inception_v3_imagenet
+    python -m dermseg_jax.evaluate --workdir=runs/thesis --checkpoint=latest --split=test \
+        --thesis-protocol
+    # A converted thesis checkpoint (`convert --torch-checkpoint model.tar --out models/thesis`):
+    python -m dermseg_jax.evaluate --workdir=models/thesis --config=dermseg_jax/configs/thesis.py \
+        --data=data/isic2017 --split=test --thesis-protocol
+
+`--shorter_side=0` stores the full-resolution images (the notebook resizes the full-resolution
+lesion crop); `--checkpoint=latest` because the notebook tests its last epoch, not the best.
 
 Settings that reproduce the notebook's defects (SEED_SPEC "Defects"; the default fixes them):
 - `optim.schedule='thesis_step'`: StepLR(5, 0.95) stepped after every batch (defect 2), so the
   learning rate is ~5e-8 after 1000 batches.
-- `train.freeze_bn_stats_after_first_eval` and `eval.thesis_protocol`: BatchNorm in batch-statistics
-  mode at evaluation, and running statistics frozen from the first validation on (defect 3).
-- `data.eval_lesion_crop='mask'`: evaluation crops with the ground-truth lesion (defect 4).
+- `eval.every_steps` = one epoch and `train.freeze_bn_stats_after_first_eval`: the notebook
+  validates every epoch, in BatchNorm batch-statistics mode, and its running statistics are
+  frozen from the first validation on (defect 3).
+- `eval.thesis_protocol`: the notebook's evaluation (`dermseg_jax.evaluator`): ground-truth
+  lesion crop and mask (defect 4), one random crop, BatchNorm on batch statistics (defect 3),
+  batch-axis softmax (defect 1), the Jaccard's one-hot shifted by one channel (defect 6).
 - `data.resize_method='thesis_nearest'`, `data.normalization='thesis_wrap'`: nearest resize and
   the wrapped 8-bit "normalisation" of training images only (defect 5), and `loss.name=
   'thesis_focal'`: the focal term computed from the class-weighted loss (defect 5).
 - `checkpoint.keep=1`, no best selection in the notebook (defect 7); here we still keep the last
   checkpoint and the best, which changes no number.
-- `eval.thesis_protocol`: batch-axis softmax (defect 1) and the evaluator's thesis metrics.
 """
 
 import ml_collections
 
-from configs import default
+from dermseg_jax import losses
+from dermseg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -61,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.loss.name = "thesis_focal"
     config.loss.gamma = 2.0
-    config.loss.class_weights = (0.0047, 0.225, 0.264, 0.02, 0.348, 0.136)
+    config.loss.class_weights = losses.THESIS_CLASS_WEIGHTS
 
     # torch.optim.Adam(weight_decay=1e-6): L2 added to the gradient, not AdamW. l1 and l2 are
     # not handed to the optimizer (frozen).
@@ -78,8 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 0
     config.optim.grad_clip_norm = None
 
+    # The notebook validates after every epoch (also when its running statistics freeze).
+    config.eval.every_steps = config.train.get_ref("steps_per_epoch") * 1
     config.eval.batch_size = 2
-    config.eval.restrict_to_lesion = True
     config.eval.opening = True
     config.eval.thesis_protocol = True
 

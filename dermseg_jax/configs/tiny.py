@@ -1,13 +1,13 @@
 """A tiny preset for tests and smoke runs: very narrow network, small crops, a few steps.
 
 COMMAND:
-    python -m dermseg_jax.train --config=configs/tiny.py --workdir=/tmp/tiny \
+    python -m dermseg_jax.train --config=dermseg_jax/configs/tiny.py --workdir=/tmp/tiny \
         --config.data.synthetic_cache=/tmp/tiny_data
 """
 
 import ml_collections
 
-from configs import default
+from dermseg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,19 +3,20 @@
 COMMAND:
     python -m dermseg_jax.data.prepare --format=isic2018 --root=/path/to/isic2018 \
         --task1_dir=/path/to/isic2018_task1 --out=data/isic2018
-    python -m dermseg_jax.train --config=configs/isic2018.py --workdir=runs/isic2018 \
+    python -m dermseg_jax.train --config=dermseg_jax/configs/isic2018.py --workdir=runs/isic2018 \
         --config.data.data_dir=data/isic2018 \
         --config.init_from=models/inception_v3_imagenet
 
 ISIC 2018 structures overlap, so the head is multi-label (five sigmoids) with BCE + soft Dice;
 class weights come from the training split's pixel counts (`class_counts.json`). Full-width
-network on 256x256 crops of images stored at a shorter side of 384; AdamW with a one-epoch
-warm-up and per-epoch step decay; evaluation on the whole image at 384.
+network on 256x256 crops of images stored at a shorter side of 384, computed in bfloat16 on
+GPU/TPU; AdamW with a one-epoch warm-up and per-epoch step decay; evaluation on the whole image
+at 384.
 """
 
 import ml_collections
 
-from configs import default
+from dermseg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,13 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head = "sigmoid"
     config.model.width = 1.0
     config.model.bn_momentum = 0.99
+    # Mixed precision on GPU/TPU (bfloat16 compute, float32 parameters, optimizer and loss);
+    # float32 on the CPU.
+    config.model.dtype = "auto"
 
     config.train.batch_size = 16
     config.train.num_epochs = 60
     # 2594 images with 10% held out for validation by `prepare`: 2334 // batch 16. Set it
     # again when overriding the batch size.
     config.train.steps_per_epoch = 145
-    config.train.dtype = "bfloat16"
 
     config.loss.name = "bce_dice"
     config.loss.dice_weight = 1.0
@@ -62,7 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval.batch_size = 8
     config.eval.every_steps = config.train.get_ref("steps_per_epoch") * 2
-    config.eval.restrict_to_lesion = True
     config.checkpoint.every_steps = config.train.get_ref("steps_per_epoch") * 2
     config.checkpoint.keep = 3
     return config

@@ -1,8 +1,8 @@
 """The embedded default: the thesis network with the fixed recipe on the built-in synthetic set.
 
 COMMAND:
-    python -m dermseg_jax.train                       # = --config=configs/default.py
-    python -m dermseg_jax.train --config=configs/default.py --workdir=runs/default \
+    python -m dermseg_jax.train                       # = --config=dermseg_jax/configs/default.py
+    python -m dermseg_jax.train --config=dermseg_jax/configs/default.py --workdir=runs/default \
         --config.train.batch_size=16
 
 What it fixes relative to the thesis notebook (SEED_SPEC "Defects"): warm-up then cosine decay
@@ -46,8 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
     train.steps_per_epoch = 0  # Set below from a reference.
     train.num_train_steps = 0  # Set below from a reference.
     train.log_every_steps = 20
-    # Compute dtype of the network ('float32' | 'bfloat16'); parameters stay float32.
-    train.dtype = "float32"
     # Thesis defect 3: after the first validation BatchNorm running statistics stop updating.
     train.freeze_bn_stats_after_first_eval = False
 
@@ -61,7 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Flax convention: weight of the old running value (= 1 - PyTorch momentum). 0.9 = PyTorch
     # default; the thesis' 0.992 adapts too slowly for short runs.
     model.bn_momentum = 0.9
-    model.dtype = train.get_ref("dtype")
+    # Compute dtype ('float32' | 'bfloat16' | 'auto' = bfloat16 on GPU/TPU, float32 on the CPU);
+    # parameters, optimizer state and loss stay float32 (docs/kernels.md).
+    model.dtype = "float32"
+    # How the layers compute: 'xla' (plain XLA ops, JAX autodiff: GPU/TPU) | 'cpu_tuned'
+    # (hand-written backward passes for XLA:CPU) | 'auto' (cpu_tuned on the CPU, xla
+    # elsewhere). Same parameters either way (docs/kernels.md).
+    model.kernels = "auto"
 
     config.data = data = ml_collections.ConfigDict()
     # Prepared TFDS directory (`python -m dermseg_jax.data.prepare`); None = the built-in
@@ -90,16 +94,25 @@ def get_config() -> ml_collections.ConfigDict:
     data.normalization = "none"
     # At evaluation the lesion crop's longer side is resized to eval_size and padded square.
     data.eval_size = 96
+    # Normalisation at evaluation; None = `normalization` (the thesis protocol: 'none' for
+    # 'thesis_wrap', whose test images were plain [0, 1]).
+    data.eval_normalization = config_dict.placeholder(str)
     data.shuffle_buffer = 256
+    # Keep the training views (lesion crops at the training scale) in memory after the first
+    # epoch; None = when they fit in 2 GiB (docs/input_pipeline.md).
+    data.cache = config_dict.placeholder(bool)
 
     train.steps_per_epoch = data.get_ref("synthetic_num_train") // train.get_ref("batch_size")
     train.num_train_steps = train.get_ref("num_epochs") * train.get_ref("steps_per_epoch")
 
     config.loss = loss = ml_collections.ConfigDict()
-    # 'thesis_focal' | 'weighted_ce' | 'focal' | 'bce' | 'bce_dice' (see dermseg_jax.losses).
+    # 'thesis_focal' | 'weighted_ce' | 'focal' | 'bce' | 'bce_dice' | 'bce_log_jaccard' (see
+    # dermseg_jax.losses).
     loss.name = "focal"
     loss.gamma = 2.0
     loss.dice_weight = 1.0
+    # 'bce_log_jaccard': BCE - jaccard_weight * log(soft Jaccard pooled over batch and structures).
+    loss.jaccard_weight = 1.0
     # Softmax: per-class weights [6] (focal: alpha); sigmoid: BCE pos_weight [5].
     loss.class_weights = config_dict.placeholder(tuple)
     # With class_weights None: derive them from the training split's pixel counts (softmax:
@@ -136,12 +149,21 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 8
     # Sigmoid head: probability threshold per structure.
     evaluation.threshold = 0.5
-    # Post-processing (evaluator): multiply predictions by the predicted lesion, and the
-    # thesis' per-channel morphological opening.
-    evaluation.restrict_to_lesion = False
+    # Post-processing (`postprocess.decide_masks`): the thesis' per-channel morphological
+    # opening, with 5 kernel sizes at eval resolution (None = the thesis' (21, 21, 15, 5, 15)).
     evaluation.opening = False
+    evaluation.opening_sizes = config_dict.placeholder(tuple)
     # Flip test-time augmentation.
     evaluation.tta = False
+    # 'resize': the lesion crop resized to eval_size, one pass | 'tiles': the crop at the
+    # training scale (shorter side resize_shorter), overlapping tile_size tiles (None =
+    # data.crop_size) sharing tile_overlap of a tile, Gaussian-blended (dermseg_jax.tiling).
+    evaluation.inference = "resize"
+    evaluation.tile_size = config_dict.placeholder(int)
+    evaluation.tile_overlap = 0.5
+    # Sigmoid head: use thresholds.json of the run/model directory (fitted on validation by
+    # `evaluate --fit-thresholds`) instead of `threshold` when present.
+    evaluation.fitted_thresholds = True
     # The thesis' evaluation (defects 1, 3, 4: ground-truth lesion crop, one random crop,
     # BatchNorm on batch statistics, batch-axis softmax); see dermseg_jax.evaluator.
     evaluation.thesis_protocol = False
