@@ -11,6 +11,11 @@ fi
 spec="$ROOT"
 if [ -n "${1:-}" ]; then spec="$ROOT[$1]"; fi
 echo "[dermseg_jax] installing ${spec#"$ROOT"} into .venv" >&2
-"$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+# The build backend's warnings go to a log, shown only if the install fails.
+if ! "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" \
+  >"$ROOT/.venv/install.log" 2>&1; then
+  cat "$ROOT/.venv/install.log" >&2
+  exit 1
+fi
 export PATH="$ROOT/.venv/bin:$PATH"
 cd "$ROOT"
