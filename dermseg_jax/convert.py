@@ -257,7 +257,7 @@ def export_to_torch(model_dir: str, out: str, *, overwrite: bool = False) -> Non
 
     Raises:
         UserError: `out` exists and not `overwrite`, its folder is missing, or the model
-            directory is unusable or holds an encoder only.
+            directory is unusable, holds an encoder only or has a presence head.
     """
     if os.path.lexists(out) and not overwrite:
         raise UserError(f"{out}: already exists", hint="pass --overwrite to replace it")
@@ -267,6 +267,11 @@ def export_to_torch(model_dir: str, out: str, *, overwrite: bool = False) -> Non
     model_cfg, variables = checkpointing.load_model(model_dir)
     if model_cfg.get("encoder_only", False):
         raise UserError(f"{model_dir} holds encoder weights only; nothing to export")
+    if model_cfg.get("presence_head", False):
+        raise UserError(
+            f"{model_dir} has a presence head (model.presence_head), which the thesis' PyTorch "
+            "network lacks; nothing was written"
+        )
     state_dict = convert_torch.flax_to_torch(variables)
     warn_non_finite(model_dir, state_dict)
     partial = f"{out}.partial"

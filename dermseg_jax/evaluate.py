@@ -58,6 +58,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         flag_values=flag_values,
     )
     flags.DEFINE_integer("num_examples", 6, "Images in examples.png.", flag_values=flag_values)
+    flags.DEFINE_multi_string(
+        "set",
+        [],
+        "data.FIELD=VALUE or eval.FIELD=VALUE, repeatable: overrides the run's inference "
+        "settings, e.g. --set eval.inference=tiles --set eval.tta=True.",
+        flag_values=flag_values,
+    )
     flags.DEFINE_string(
         "config",
         None,
@@ -80,6 +87,7 @@ def run_evaluate(
     batch_size: int | None = None,
     num_examples: int = 6,
     config_path: str | None = None,
+    overrides: Sequence[str] = (),
     fit_thresholds: bool = False,
 ) -> tuple[dict[str, float], str]:
     """Loads the checkpoint, evaluates, writes JSON, markdown, CSV and pictures.
@@ -94,6 +102,7 @@ def run_evaluate(
         batch_size: None = `eval.batch_size`.
         num_examples: images in the example grid.
         config_path: config file whose data/eval sections replace the run's.
+        overrides: `--set` items ('eval.inference=tiles'), after `config_path`.
         fit_thresholds: fit sigmoid thresholds on the validation split first (refused for any
             other split), store them in `workdir/thresholds.json` and evaluate with them.
 
@@ -105,7 +114,9 @@ def run_evaluate(
     split = _SPLIT_ALIASES.get(split, split)
     if fit_thresholds:
         thresholds.check_fitting_split(split)  # before anything loads
-    run = loading.load_run(workdir, checkpoint=checkpoint, config_path=config_path)
+    run = loading.load_run(
+        workdir, checkpoint=checkpoint, config_path=config_path, overrides=overrides
+    )
     config = run.config
     if data_dir is not None:
         config.data.data_dir = data_dir
@@ -153,6 +164,7 @@ def run_evaluate(
         "postprocess": (
             f"head {s.head}, threshold {s.threshold}, opening "
             f"{'off' if s.opening_sizes is None else list(s.opening_sizes)}"
+            + ("" if s.presence_threshold is None else f", presence gate {s.presence_threshold}")
             + (", predictions x ground-truth lesion" if thesis_protocol else "")
         ),
     }
@@ -171,9 +183,14 @@ def _fit_thresholds(ev, run, workdir: str) -> None:
     """Fits thresholds on the validation split, writes them, and makes `ev` use them."""
     fitted = ev.fit_thresholds(run.variables)
     path = thresholds.save(workdir, fitted, step=run.step)
-    ev.settings = dataclasses.replace(ev.settings, threshold=fitted.thresholds)
+    ev.settings = dataclasses.replace(
+        ev.settings, threshold=fitted.thresholds, presence_threshold=fitted.presence_thresholds
+    )
+    gate = ""
+    if fitted.presence_thresholds is not None:
+        gate = f", presence gate {[round(t, 4) for t in fitted.presence_thresholds]}"
     print(
-        f"Fitted thresholds {[round(t, 4) for t in fitted.thresholds]} on "
+        f"Fitted thresholds {[round(t, 4) for t in fitted.thresholds]}{gate} on "
         f"{fitted.num_images} validation images: official (micro) {fitted.score:.4f}, "
         f"{fitted.score_at_half:.4f} at 0.5; wrote {path}"
     )
@@ -193,6 +210,7 @@ def main(argv: Sequence[str]) -> None:
         batch_size=flags.FLAGS.batch_size,
         num_examples=flags.FLAGS.num_examples,
         config_path=flags.FLAGS.config,
+        overrides=flags.FLAGS.set,
         fit_thresholds=flags.FLAGS.fit_thresholds,
     )
 

@@ -76,6 +76,7 @@ class _Scored:
     image: np.ndarray  # uint8 [H, W, 3] for the pictures
     at_original: bool
     full: np.ndarray | None = None  # uint8 [H, W, C] scores at dataset resolution (default)
+    presence: np.ndarray | None = None  # [5] presence probabilities (presence head)
 
 
 class Evaluator:
@@ -190,6 +191,7 @@ class Evaluator:
             head=self.head,
             threshold=s.threshold,
             opening_sizes=s.opening_sizes,
+            presence_threshold=s.presence_threshold,
         )
         predict = functools.partial(self._predict, variables)
         tiled = None
@@ -199,11 +201,15 @@ class Evaluator:
             self.data_cfg, self.split, self.batch_size, predict, self.head, decide, tiled
         )
 
-    def fit_thresholds(self, state_or_variables: Any) -> thresholds.FittedThresholds:
+    def fit_thresholds(
+        self, state_or_variables: Any, *, gate: bool | None = None
+    ) -> thresholds.FittedThresholds:
         """Per-structure thresholds maximising the official (micro) score on this split.
 
         Refuses any split but 'validation': thresholds fitted on the test split would make its
         score meaningless. Reads only that split (scores at dataset resolution, as `run`).
+        With a presence head (`gate` None = whether the model has one) the presence cut-offs
+        are fitted jointly (`thresholds.fit(..., gate=True)`).
 
         Raises:
             UserError: the split is not 'validation', the head is not sigmoid, or the thesis
@@ -216,12 +222,20 @@ class Evaluator:
                 hint="drop --thesis-protocol; softmax models have no thresholds",
             )
         histograms = thresholds.ScoreHistograms()
+        has_gate = None
         for item in self._images(variables_of(state_or_variables)):
-            histograms.add(item.full[..., -labels.NUM_STRUCTURES :], item.truth)
-        return thresholds.fit(histograms)
+            histograms.add(item.full[..., -labels.NUM_STRUCTURES :], item.truth, item.presence)
+            has_gate = item.presence is not None
+        if gate and not has_gate:
+            raise UserError("fitting a presence gate needs a model with model.presence_head")
+        return thresholds.fit(histograms, gate=bool(has_gate if gate is None else gate))
 
     def _decide(
-        self, probs: np.ndarray, lesion: np.ndarray | None, notebook_one_hot: bool = False
+        self,
+        probs: np.ndarray,
+        lesion: np.ndarray | None,
+        notebook_one_hot: bool = False,
+        presence_probs: np.ndarray | None = None,
     ) -> np.ndarray:
         s = self.settings
         return postprocess.decide_masks(
@@ -231,20 +245,28 @@ class Evaluator:
             opening_sizes=s.opening_sizes,
             lesion=lesion,
             notebook_one_hot=notebook_one_hot,
+            presence_probs=presence_probs,
+            presence_threshold=s.presence_threshold,
         )
 
     def _score_eval_resolution(self, item: _Scored, thesis, roc) -> None:
         # The thesis protocol restricts to the ground-truth lesion (defect 4) and one-hot
         # encodes like the notebook's Jaccard code (defect 6).
         restrict = item.lesion if self.thesis_protocol else None
-        pred6 = self._decide(item.probs, restrict, notebook_one_hot=self.thesis_protocol)
+        pred6 = self._decide(
+            item.probs,
+            restrict,
+            notebook_one_hot=self.thesis_protocol,
+            presence_probs=item.presence,
+        )
         scores6 = item.probs
         if self.head == "sigmoid":
             scores6 = np.concatenate([1.0 - item.probs.max(-1, keepdims=True), item.probs], -1)
         thesis.update(pred6, metrics.thesis_ground_truth(item.structures, item.lesion), scores6)
         roc.update(scores6[..., 1:], item.structures)
 
-    def _predict(self, variables: dict, images: np.ndarray) -> np.ndarray:
+    def _predict(self, variables: dict, images: np.ndarray):
+        """Probabilities [n, S, S, C] of a batch, or (probabilities, presence [n, 5])."""
         n = len(images)
         if n < self.batch_size:
             # A short last batch keeps the compiled shape: pad with zero images.
@@ -253,21 +275,22 @@ class Evaluator:
         lo = jax.process_index() * self.batch_size // jax.process_count()
         hi = (jax.process_index() + 1) * self.batch_size // jax.process_count()
         sharded = sharding.shard_batch({"image": images[lo:hi]}, self.mesh)["image"]
-        return np.asarray(jax.device_get(self.predict_fn(variables, sharded)))[:n]
+        probs, gate = tiling.split_prediction(jax.device_get(self.predict_fn(variables, sharded)))
+        return probs[:n] if gate is None else (probs[:n], gate[:n])
 
 
 def _default_protocol_images(
     data_cfg: ml_collections.ConfigDict,
     split: str,
     batch_size: int,
-    predict: Callable[[np.ndarray], np.ndarray],
+    predict: Callable[[np.ndarray], Any],
     head: str,
     decide: Callable[..., np.ndarray],
-    tiled: Callable[[np.ndarray, tuple], np.ndarray] | None,
+    tiled: Callable[[np.ndarray, tuple], tuple] | None,
 ) -> Iterator[_Scored]:
     """The default protocol, image by image: the eval pipeline's batches through `predict`
     (or, with `tiled(image, box)`, each stored image's crop tile by tile), restored onto the
-    prepared image and decided there by `decide(full_scores, box, hw)`."""
+    prepared image and decided there by `decide(full_scores, box, hw, presence_probs=...)`."""
     import tensorflow_datasets as tfds
 
     from dermseg_jax.data import eval_pipeline, pipeline
@@ -275,7 +298,8 @@ def _default_protocol_images(
     data_dir = pipeline.resolve_data_dir(data_cfg)
     raw_iter = iter(tfds.as_numpy(pipeline.read_split(data_dir, split)[0]))
     for batch in eval_pipeline.create_eval_dataset(data_cfg, split=split, batch_size=batch_size):
-        probs = predict(batch["image"]) if tiled is None else None
+        if tiled is None:
+            probs, gates = tiling.split_prediction(predict(batch["image"]))
         real = np.reshape(batch["valid"], (len(batch["valid"]), -1)).any(axis=1)
         for i in np.flatnonzero(real):
             example = next(raw_iter)
@@ -291,8 +315,9 @@ def _default_protocol_images(
             box = _box_in_stored_pixels(batch["crop_box"][i], original, stored)
             if tiled is None:
                 net, net_hw = probs[i], (h, w)
+                gate = None if gates is None else gates[i]
             else:  # The crop at the training scale; the eval-resolution metrics see it resized.
-                net = tiled(example["image"], box)
+                net, gate = tiled(example["image"], box)
                 net_hw = net.shape[:2]
             full = inference.restore_probabilities(net, box, net_hw, stored, head=head)
             yield _Scored(
@@ -300,11 +325,12 @@ def _default_protocol_images(
                 probs=net[:h, :w] if tiled is None else cv2.resize(net, (w, h)) / np.float32(255),
                 structures=batch["structures"][i, :h, :w],
                 lesion=batch["lesion"][i, :h, :w],
-                prediction=decide(full, box, net_hw),
+                prediction=decide(full, box, net_hw, presence_probs=gate),
                 truth=(example["structures"] != 0).astype(np.uint8),
                 image=example["image"],
                 at_original=tuple(stored) == original,
                 full=full,
+                presence=gate,
             )
 
 

@@ -5,8 +5,8 @@ the training-time validation (`Evaluator`), `python -m dermseg_jax.evaluate` and
 `python -m dermseg_jax.predict`:
 
 - `create_predict_fn(model, head=..., tta=...)`: `predict_fn(variables, images [B, S, S, 3]) ->
-  probabilities [B, S, S, C]`, BatchNorm on running statistics, jitted once per (model, head,
-  tta) (`functools.cache`).
+  probabilities [B, S, S, C]` (with a presence head: `(probabilities, presence [B, 5])`),
+  BatchNorm on running statistics, jitted once per (model, head, tta) (`functools.cache`).
 - `create_thesis_predict_fn(model)`: the thesis notebook's evaluation (defects 1 and 3: BatchNorm
   on the batch's own statistics, softmax over the BATCH axis). Only for `--thesis-protocol`.
 - `restore_probabilities(...)`: undo the eval pipeline's geometry (pad, resize, lesion crop) on
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dermseg_jax import labels, postprocess, sharding
+from dermseg_jax import labels, models, postprocess, presence, sharding
 
 PredictFn = Callable[[dict, jax.Array], jax.Array]
 
@@ -46,6 +46,7 @@ class PostprocessSettings:
     Attributes:
         head: 'softmax' or 'sigmoid' (`model.head`).
         threshold: sigmoid threshold(s) (`eval.threshold`).
+        presence_threshold: 5 presence-gate cut-offs (`eval.presence_threshold`), or None.
         opening_sizes: 5 opening kernel sizes at eval resolution, or None (`eval.opening` False).
             With `eval.opening` True: `eval.opening_sizes` if set, else the thesis'
             `postprocess.THESIS_OPENING_SIZES`.
@@ -56,6 +57,7 @@ class PostprocessSettings:
     threshold: float | tuple[float, ...] = 0.5
     opening_sizes: tuple[int, ...] | None = None
     tta: bool = False
+    presence_threshold: tuple[float, ...] | None = None
 
     @classmethod
     def from_config(cls, config, *, tta: bool | None = None) -> PostprocessSettings:
@@ -77,6 +79,9 @@ class PostprocessSettings:
             threshold=threshold,
             opening_sizes=sizes,
             tta=bool(evaluation.get("tta", False)) if tta is None else bool(tta),
+            presence_threshold=presence.check_thresholds(
+                evaluation.get("presence_threshold", None)
+            ),
         )
 
 
@@ -114,23 +119,31 @@ def create_predict_fn(
 
     Returns:
         `predict_fn(variables, images)` with images float32 [B, S, S, 3] (pipeline scale) and
-        result float32 probabilities [B, S, S, C].
+        result float32 probabilities [B, S, S, C]; for a model with `presence_head`,
+        `(probabilities, presence probabilities [B, 5])` (`tiling.split_prediction` reads both).
     """
     if head not in ("softmax", "sigmoid"):
         raise ValueError(f"Unknown model head {head!r}; expected 'softmax' or 'sigmoid'.")
 
-    def forward(variables, images):
-        return _activation(model.apply(variables, images, train=False), head)
+    def forward(variables, images, axis=None):
+        logits, gate = models.split_outputs(model.apply(variables, images, train=False))
+        probs = _activation(logits, head)
+        if axis is not None:
+            probs = jnp.flip(probs, axis)
+        return probs, None if gate is None else jax.nn.sigmoid(gate)
 
     def predict_fn(variables, images):
-        probs = forward(variables, images)
+        probs, gate = forward(variables, images)
         if tta:
             # The padded square is flipped as a whole, so flipping each output back realigns
             # every pixel with the input pixel it came from.
-            probs = probs + jnp.flip(forward(variables, jnp.flip(images, 2)), 2)
-            probs = probs + jnp.flip(forward(variables, jnp.flip(images, 1)), 1)
+            for axis in (2, 1):
+                more, more_gate = forward(variables, jnp.flip(images, axis), axis)
+                probs = probs + more
+                gate = None if gate is None else gate + more_gate
             probs = probs / 3.0
-        return probs
+            gate = None if gate is None else gate / 3.0
+        return probs if gate is None else (probs, gate)
 
     return _jit(predict_fn, mesh)
 
@@ -259,6 +272,8 @@ def full_size_masks(
     head: str,
     threshold: float | Sequence[float] = 0.5,
     opening_sizes: Sequence[int] | None = None,
+    presence_probs: Sequence[float] | None = None,
+    presence_threshold: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Eval-resolution probabilities of one image -> post-processed masks at full size.
 
@@ -273,6 +288,7 @@ def full_size_masks(
         head: 'softmax' or 'sigmoid'.
         threshold: sigmoid threshold(s).
         opening_sizes: 5 kernel sizes at EVAL resolution (scaled here); None = no opening.
+        presence_probs, presence_threshold: the presence gate (`postprocess.decide_masks`).
 
     Returns:
         uint8 [H, W, 5] structure masks in {0, 1}.
@@ -285,6 +301,8 @@ def full_size_masks(
         head=head,
         threshold=threshold,
         opening_sizes=opening_sizes,
+        presence_probs=presence_probs,
+        presence_threshold=presence_threshold,
     )
 
 
@@ -296,13 +314,16 @@ def decide_full_size(
     head: str,
     threshold: float | Sequence[float] = 0.5,
     opening_sizes: Sequence[int] | None = None,
+    presence_probs: Sequence[float] | None = None,
+    presence_threshold: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Restored full-size scores (`restore_probabilities`) -> post-processed structure masks.
 
     Args:
         full: uint8 [H, W, C] scores at full size.
         crop_box, resized_size: the geometry the scores were restored from (scales the opening).
-        head, threshold, opening_sizes: as `full_size_masks`.
+        head, threshold, opening_sizes, presence_probs, presence_threshold: as
+            `full_size_masks`.
 
     Returns:
         uint8 [H, W, 5] structure masks in {0, 1}.
@@ -310,5 +331,12 @@ def decide_full_size(
     sizes = None
     if opening_sizes is not None:
         sizes = scaled_opening_sizes(opening_sizes, resized_size, crop_box)
-    masks = postprocess.decide_masks(full, head=head, threshold=threshold, opening_sizes=sizes)
+    masks = postprocess.decide_masks(
+        full,
+        head=head,
+        threshold=threshold,
+        opening_sizes=sizes,
+        presence_probs=presence_probs,
+        presence_threshold=presence_threshold,
+    )
     return masks[..., 1:]

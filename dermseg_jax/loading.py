@@ -11,9 +11,11 @@ the package's `dermseg_jax/configs/default.py` (read by file path, like any `--c
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import flax.linen as nn
 import ml_collections
@@ -81,6 +83,7 @@ def load_run(
     *,
     checkpoint: str | int = "best",
     config_path: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> LoadedRun:
     """Loads a training workdir's checkpoint or a model directory for inference.
 
@@ -93,6 +96,8 @@ def load_run(
             falls back.
         config_path: config file whose `data` and `eval` sections replace the run's (a model
             directory has none of its own: `dermseg_jax/configs/default.py`'s unless this is given).
+        overrides: 'data.FIELD=VALUE' or 'eval.FIELD=VALUE' items applied after that (the CLIs'
+            `--set`), e.g. 'eval.inference=tiles'; VALUE is a Python literal or else a string.
 
     Returns:
         The `LoadedRun`.
@@ -112,10 +117,35 @@ def load_run(
         override = load_config_file(config_path)
         config.data = ml_collections.ConfigDict(override.data.to_dict())
         config.eval = ml_collections.ConfigDict(override.eval.to_dict())
+    apply_overrides(config, overrides)
     # thresholds.json of `evaluate --fit-thresholds`, unless eval.fitted_thresholds is False.
     thresholds.apply_fitted(config, path, step)
     model = models.create_model(config.model)
     return LoadedRun(model=model, variables=variables, config=config, step=step, path=path)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Sets 'data.FIELD=VALUE' / 'eval.FIELD=VALUE' items in `config` (see `load_run`).
+
+    Only existing fields of the inference sections: the model is the checkpoint's.
+
+    Raises:
+        UserError: an item is not SECTION.FIELD=VALUE with an existing data or eval field.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, _, field = key.strip().partition(".")
+        if not sep or section not in ("data", "eval") or field not in config[section]:
+            raise UserError(
+                f"--set {item}: not data.FIELD=VALUE or eval.FIELD=VALUE of an existing field",
+                hint="e.g. --set eval.inference=tiles; config.json lists the fields",
+            )
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        # A new section: a field's type (e.g. float for `threshold`) must not refuse the value.
+        config[section] = ml_collections.ConfigDict({**config[section].to_dict(), field: value})
 
 
 def load_model(

@@ -34,6 +34,29 @@ def group_learning_rates(optim_cfg: ml_collections.ConfigDict) -> dict[str, floa
     return rates
 
 
+ENCODER_GROUPS = ("l1", "l2", "l3")
+
+
+def apply_encoder_lr_without_init(config: ml_collections.ConfigDict) -> bool:
+    """`optim.encoder_lr_without_init`: the encoder's learning rate when it starts random.
+
+    Recipes tuned for an ImageNet-initialised encoder give it small learning rates (isic2018:
+    1e-5, 1e-5, 1e-4); started from scratch (no `init_from`) such an encoder hardly moves
+    (docs/ablation_isic2018.md). When the field is set (not None or 0) and `init_from` is empty,
+    lr_l1, lr_l2 and lr_l3 are set to it, in `config` itself, so `config.json` records what was
+    used.
+
+    Returns:
+        Whether the learning rates were replaced.
+    """
+    lr = config.optim.get("encoder_lr_without_init", None)
+    if not lr or config.get("init_from"):
+        return False
+    for group in ENCODER_GROUPS:
+        config.optim[f"lr_{group}"] = float(lr)
+    return True
+
+
 def frozen_groups(optim_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The groups whose learning rate is 0 or None, in `GROUPS` order."""
     rates = group_learning_rates(optim_cfg)

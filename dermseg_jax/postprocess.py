@@ -4,6 +4,9 @@ Every path from scores to masks goes through `decide_masks`: both heads, both ev
 protocols (`evaluator.Evaluator`, used by training and `evaluate`) and `predict` (through
 `inference.full_size_masks`), so evaluate and predict write exactly the same masks.
 
+A presence gate (`dermseg_jax.presence`, sigmoid head) empties a structure's channel before
+anything else when the image's presence probability is below its cut-off.
+
 The thesis' rule (SEED_SPEC "Post-processing and metrics"): argmax over the six softmax
 channels, one-hot, multiplied by the lesion mask, then per channel a morphological opening
 (erode, then dilate; square kernel; one iteration) with `THESIS_OPENING_SIZES`. The sigmoid
@@ -15,7 +18,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from dermseg_jax import labels
+from dermseg_jax import labels, presence
 
 # Opening kernel sizes for [cysts, neg. net, pig. net, streaks, globules] (the thesis; its
 # "others" channel has size 1, i.e. it is never opened).
@@ -88,6 +91,8 @@ def decide_masks(
     opening_sizes: Sequence[int] | None = None,
     lesion: np.ndarray | None = None,
     notebook_one_hot: bool = False,
+    presence_probs: Sequence[float] | None = None,
+    presence_threshold: Sequence[float] | None = None,
 ) -> np.ndarray:
     """The mask decision of one image: decide per pixel, keep inside the lesion, open.
 
@@ -102,6 +107,9 @@ def decide_masks(
         notebook_one_hot: thesis defect 6 (softmax only): the argmax one-hot encoded as the
             notebook's Jaccard code does, for labels 1..6: class c lands in channel c - 1 and
             class 0 in none.
+        presence_probs: sigmoid head with a presence head: the image's 5 presence
+            probabilities; with `presence_threshold` (5 cut-offs) structure k is emptied when
+            its presence is below its cut-off. Either None = no gate.
 
     Returns:
         uint8 [H, W, 6] in {0, 1}: channel 0 "others" (softmax: argmax 0; sigmoid: no
@@ -118,6 +126,7 @@ def decide_masks(
         masks = _decide_softmax(scores, notebook_one_hot)
     else:
         masks = _decide_sigmoid(scores, threshold)
+        masks[..., 1:] = presence.gate_masks(masks[..., 1:], presence_probs, presence_threshold)
     inside = None
     if lesion is not None:
         lesion = np.asarray(lesion)

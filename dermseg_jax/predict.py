@@ -24,6 +24,7 @@ to 8 bits (the high byte, as TensorFlow decodes them).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pathlib
@@ -54,6 +55,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_integer(
         "batch_size", 4, "Images per network call.", lower_bound=1, flag_values=flag_values
+    )
+    flags.DEFINE_multi_string(
+        "set",
+        [],
+        "data.FIELD=VALUE or eval.FIELD=VALUE, repeatable: overrides the run's inference "
+        "settings, e.g. --set eval.inference=tiles --set eval.tta=True.",
+        flag_values=flag_values,
     )
     flags.DEFINE_string(
         "config",
@@ -197,6 +205,27 @@ def _batches(paths: Sequence[pathlib.Path], size: int) -> Iterator[list[pathlib.
         yield list(paths[start : start + size])
 
 
+@contextlib.contextmanager
+def _tile_bar(image_bar, ident: str, enabled: bool):
+    """A second progress bar over one image's tiles (large images take seconds to minutes)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="tile", desc=ident, leave=False, position=image_bar.pos + 1)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def run_predict(
     workdir: str,
     images: Sequence[str],
@@ -206,6 +235,7 @@ def run_predict(
     tta: bool | None = None,
     batch_size: int = 4,
     config_path: str | None = None,
+    overrides: Sequence[str] = (),
     progress: bool = True,
 ) -> dict[str, object]:
     """Segments images and writes submission masks and overlays.
@@ -218,7 +248,8 @@ def run_predict(
         tta: flip test-time augmentation; None = the config's `eval.tta`.
         batch_size: images per network call (their full-size decodes are held together).
         config_path: config file for the data/eval sections (see `loading.load_run`).
-        progress: show a tqdm progress bar.
+        overrides: `--set` items ('eval.inference=tiles'), after `config_path`.
+        progress: show tqdm progress bars (images; with tiles, also each image's tiles).
 
     Returns:
         {'written': [ids], 'failed': [(file, problem)]}.
@@ -235,7 +266,9 @@ def run_predict(
     from dermseg_jax import plots
     from dermseg_jax.data import eval_pipeline
 
-    run = loading.load_run(workdir, checkpoint=checkpoint, config_path=config_path)
+    run = loading.load_run(
+        workdir, checkpoint=checkpoint, config_path=config_path, overrides=overrides
+    )
     settings = inference.PostprocessSettings.from_config(run.config, tta=tta)
     predict_fn = inference.create_predict_fn(run.model, head=settings.head, tta=settings.tta)
     preprocess = eval_pipeline.inference_preprocessor(run.config.data)
@@ -259,15 +292,20 @@ def run_predict(
         if not loaded:
             continue
         if tiler is None:
-            probs = predict_fn(run.variables, np.stack([p["image"] for _, _, p in loaded]))
-            probs = np.asarray(probs)
+            images = np.stack([p["image"] for _, _, p in loaded])
+            probs, gates = tiling.split_prediction(predict_fn(run.variables, images))
         for i, (ident, image, prepared) in enumerate(loaded):
             if tiler is None:
                 prob, hw = probs[i], prepared["resized_size"]
+                gate = None if gates is None else gates[i]
             else:  # eval.inference='tiles': the crop at the training scale, tile by tile
-                prob = tiler.probabilities(
-                    lambda x: predict_fn(run.variables, x), image, prepared["crop_box"]
-                )
+                with _tile_bar(bar, ident, progress) as tile_progress:
+                    prob, gate = tiler.probabilities(
+                        lambda x: predict_fn(run.variables, x),
+                        image,
+                        prepared["crop_box"],
+                        progress=tile_progress,
+                    )
                 hw = prob.shape[:2]
             masks = inference.full_size_masks(
                 prob,
@@ -277,6 +315,8 @@ def run_predict(
                 head=settings.head,
                 threshold=settings.threshold,
                 opening_sizes=settings.opening_sizes,
+                presence_probs=gate,
+                presence_threshold=settings.presence_threshold,
             )
             submission.write_isic2018_masks(out_dir, ident, masks)
             Image.fromarray(plots.overlay_masks(image, masks)).save(
@@ -304,6 +344,7 @@ def main(argv: Sequence[str]) -> None:
         tta=flags.FLAGS.tta,
         batch_size=flags.FLAGS.batch_size,
         config_path=flags.FLAGS.config,
+        overrides=flags.FLAGS.set,
     )
     if result["failed"]:
         sys.exit(1)

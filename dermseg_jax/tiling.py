@@ -15,6 +15,9 @@ An image smaller than a tile along an axis is mirrored (symmetric padding) up to
 predicted as one tile and cropped back; an image covered by a single tile is that one pass,
 unblended, so it gives exactly a whole-image pass.
 
+With a presence head (`dermseg_jax.presence`) `predict` returns `(probabilities, presence)`;
+the image's presence is the largest over its tiles.
+
 Config (`config.eval`): `inference` ('resize' | 'tiles'), `tile_size` (None = `data.crop_size`),
 `tile_overlap` (fraction of a tile shared by neighbours, in [0, 1)).
 """
@@ -97,13 +100,30 @@ def _tile_batches(corners: Sequence[tuple[int, int]], batch_size: int):
         yield corners[start : start + batch_size]
 
 
-def _run_batch(predict: BatchPredictor, tiles: list[np.ndarray], batch_size: int) -> np.ndarray:
+def split_prediction(outputs, n: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, presence or None) of a predict function's output, first `n` images."""
+    probs, presence = outputs if isinstance(outputs, tuple) else (outputs, None)
+    probs = np.asarray(probs)[:n]
+    return probs, None if presence is None else np.asarray(presence)[:n]
+
+
+def _run_batch(
+    predict: BatchPredictor, tiles: list[np.ndarray], batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicts a list of tiles, padded with zero tiles to `batch_size` (one compiled shape)."""
     batch = np.stack(tiles)
     missing = batch_size - len(tiles)
     if missing:
         batch = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
-    return np.asarray(predict(batch))[: len(tiles)]
+    return split_prediction(predict(batch), len(tiles))
+
+
+def _max_presence(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Elementwise max of running presence `a` [K] and a batch of tiles' presence `b` [n, K]."""
+    if b is None:
+        return a
+    b = b.max(axis=0)
+    return b if a is None else np.maximum(a, b)
 
 
 class _RowBlender:
@@ -155,12 +175,13 @@ def predict_tiles(
     *,
     batch_size: int,
     progress: ProgressFn | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Blended tile probabilities of one image (module docstring).
 
     Args:
         predict: `images float32 [batch_size, T, T, 3] -> probabilities [batch_size, T, T, C]`
-            (e.g. `inference.create_predict_fn(...)` with the variables bound).
+            or `(probabilities, presence [batch_size, K])` (e.g.
+            `inference.create_predict_fn(...)` with the variables bound).
         image: float32 [h, w, 3] in the network's input scale: an array, or anything with
             `shape` whose `image[top:bottom]` gives those rows as an array (it is read one band
             of tile rows at a time, so it need never exist whole).
@@ -169,41 +190,45 @@ def predict_tiles(
         progress: called as `progress(tiles_done, tiles_total)` after every call.
 
     Returns:
-        uint8 [h, w, C] probabilities scaled to 0..255.
+        (uint8 [h, w, C] probabilities scaled to 0..255, float [K] presence: the largest over
+        the tiles, or None without a presence head).
     """
     h, w = image.shape[:2]
     t = settings.tile_size
     if h < t or w < t:
         whole = np.asarray(image[0:h])
         padded = np.pad(whole, ((0, max(t - h, 0)), (0, max(t - w, 0)), (0, 0)), "symmetric")
-        return predict_tiles(predict, padded, settings, batch_size=batch_size, progress=progress)[
-            :h, :w
-        ]
+        probs, presence = predict_tiles(
+            predict, padded, settings, batch_size=batch_size, progress=progress
+        )
+        return probs[:h, :w], presence
     corners = [
         (top, left)
         for top in tile_starts(h, t, settings.stride)
         for left in tile_starts(w, t, settings.stride)
     ]
     if len(corners) == 1:
-        probs = _run_batch(predict, [np.asarray(image[0:t])], batch_size)[0]
+        probs, presence = _run_batch(predict, [np.asarray(image[0:t])], batch_size)
         if progress is not None:
             progress(1, 1)
-        return to_uint8(probs)
+        return to_uint8(probs[0]), None if presence is None else presence[0]
     blender = _RowBlender(h, w, t)
     band_top, band = None, None
-    done = 0
+    done, presence = 0, None
     for chunk in _tile_batches(corners, batch_size):
         tiles = []
         for y, x in chunk:
             if y != band_top:
                 band_top, band = y, np.asarray(image[y : y + t])
             tiles.append(band[:, x : x + t])
-        for (y, x), probs in zip(chunk, _run_batch(predict, tiles, batch_size), strict=True):
-            blender.add(y, x, probs)
+        probs, tile_presence = _run_batch(predict, tiles, batch_size)
+        for (y, x), tile_probs in zip(chunk, probs, strict=True):
+            blender.add(y, x, tile_probs)
+        presence = _max_presence(presence, tile_presence)
         done += len(chunk)
         if progress is not None:
             progress(done, len(corners))
-    return blender.finish()
+    return blender.finish(), presence
 
 
 class _ScaledImage:
@@ -277,8 +302,9 @@ class TiledPredictor:
         image: np.ndarray,
         crop_box: Sequence[int],
         progress: ProgressFn | None = None,
-    ) -> np.ndarray:
-        """uint8 [h, w, C] probabilities (0..255) of the crop at the training scale.
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 [h, w, C] probabilities (0..255) of the crop at the training scale, and the
+        image's presence [K] (None without a presence head): `predict_tiles`.
 
         Map them onto the image with `inference.full_size_masks(probs, crop_box, probs.shape[:2],
         image.shape[:2], ...)`.

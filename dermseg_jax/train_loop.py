@@ -208,6 +208,11 @@ def train_and_evaluate(
         UserError: for inputs that do not fit (see `check_start`, `resume_train_state`).
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    if optim.apply_encoder_lr_without_init(config):
+        logging.info(
+            "No init_from: the encoder trains from scratch at optim.encoder_lr_without_init=%s",
+            config.optim.encoder_lr_without_init,
+        )
     mesh = sharding.make_mesh()
     data_cfg = check_start(config, workdir, mesh)
     model = models.create_model(config.model)
@@ -226,9 +231,39 @@ def train_and_evaluate(
             if jax.process_index() == 0:
                 checkpointing.save_run_config(workdir, config)
             evaluate_fn = evaluate_fn or create_evaluate_fn(config, mesh, model, data_cfg)
-            return _Loop(config, data_cfg, workdir, mesh, manager, stop).run(state, evaluate_fn)
+            loop = _Loop(config, data_cfg, workdir, mesh, manager, stop)
+            state, final = loop.run(state, evaluate_fn)
+            if config.eval.get("fit_thresholds", False):
+                fit_final_thresholds(config, data_cfg, model, mesh, state, workdir)
+            return state, final
     finally:
         manager.close()
+
+
+def fit_final_thresholds(config, data_cfg, model, mesh, state: TrainState, workdir: str) -> None:
+    """`eval.fit_thresholds`: fits the sigmoid thresholds (and presence cut-offs) of the final
+    state on the validation split and writes `workdir/thresholds.json`, as `evaluate
+    --fit-thresholds` would for that step; `evaluate` and `predict` then use them."""
+    from dermseg_jax import evaluator, thresholds
+
+    step = int(jax.device_get(state.step))
+    if config.model.head != "sigmoid":
+        logging.warning("eval.fit_thresholds: the %s head has no thresholds", config.model.head)
+        return
+    ev = evaluator.Evaluator(model, data_cfg, config.eval, split="validation", mesh=mesh)
+    fitted = ev.fit_thresholds(state)
+    if jax.process_index() == 0:
+        path = thresholds.save(workdir, fitted, step=step)
+        logging.info(
+            "Fitted thresholds %s (presence %s) at step %d on validation: official %.4f "
+            "(%.4f at 0.5); wrote %s",
+            [round(t, 4) for t in fitted.thresholds],
+            fitted.presence_thresholds,
+            step,
+            fitted.score,
+            fitted.score_at_half,
+            path,
+        )
 
 
 class _Loop:

@@ -28,6 +28,7 @@ from dermseg_jax import (
     losses,
     models,
     optim,
+    presence,
     sharding,
 )
 from dermseg_jax.errors import UserError
@@ -277,7 +278,8 @@ def train_step(
         batch: `image` float32 [B, h, w, 3], `label` int32 [B, h, w], `structures` uint8
             [B, h, w, 5], `valid` float32 [B, h, w], sharded over 'data'.
         rng: base key for dropout; None = `state.rng`. The step's key is `fold_in(rng, step)`.
-        loss_cfg: `config.loss`.
+        loss_cfg: `config.loss` (with `model.presence_head`, `presence_weight` x the presence
+            BCE is added: `presence.presence_loss`).
         class_weights: float32 [C] weights passed to the loss, or None.
         update_batch_stats: False keeps the BatchNorm running statistics unchanged (thesis
             defect 3 after the first validation).
@@ -298,15 +300,19 @@ def train_step(
             params = jax.tree.map(
                 lambda p, g: lax.stop_gradient(p) if g in frozen_groups else p, params, groups
             )
-        logits, updates = state.apply_fn(
+        outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
             train=True,
             rngs={"dropout": rng_step},
             mutable=["batch_stats"],
         )
+        logits, presence_logits = models.split_outputs(outputs)
         # The loss in float32 whatever the compute dtype.
         loss = losses.compute_loss(loss_cfg, logits.astype(jnp.float32), batch, class_weights)
+        if presence_logits is not None:
+            weight = float(loss_cfg.get("presence_weight", 1.0))
+            loss = loss + weight * presence.presence_loss(presence_logits, batch)
         return loss, updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

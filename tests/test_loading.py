@@ -132,3 +132,21 @@ def test_model_directory_uses_default_config_without_the_configs_package(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     default = loading.load_config_file(loading.DEFAULT_CONFIG_FILE)
     assert proc.stdout.split() == ["None", str(default.data.eval_size), "False"]
+
+
+def test_set_overrides_change_inference_settings_and_refuse_unknown_fields():
+    from dermseg_jax.configs import default
+
+    config = default.get_config()
+    config = type(config)(config.to_dict())  # resolved references, as load_run
+    loading.apply_overrides(
+        config,
+        ["eval.inference=tiles", "eval.tta=True", "eval.threshold=(0.3, 0.4, 0.5, 0.6, 0.7)",
+         "data.eval_padding=zeros", "eval.tile_overlap = 0.25"],
+    )  # fmt: skip
+    assert config.eval.inference == "tiles" and config.eval.tta is True
+    assert config.eval.threshold == (0.3, 0.4, 0.5, 0.6, 0.7)  # typed float before: replaced
+    assert config.data.eval_padding == "zeros" and config.eval.tile_overlap == 0.25
+    for bad in ("eval.infrence=tiles", "model.width=1.0", "eval.tta", "tta=True"):
+        with pytest.raises(UserError, match="--set"):
+            loading.apply_overrides(config, [bad])

@@ -228,3 +228,29 @@ def test_cli_bad_inputs_fail_in_one_line_and_write_nothing(eval_fixture, tmp_pat
     assert not (tmp_path / "out").exists()
     if case == "out_is_a_file":
         assert pathlib.Path(args["out"]).read_text() == "keep me"
+
+
+def test_tiled_predict_shows_each_images_tiles_and_set_overrides_apply(
+    eval_fixture, tmp_path, capsys
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    source = sorted(eval_fixture.val_images.glob("*.jpg"))[0]
+    Image.open(source).resize((400, 150)).save(images / "ISIC_0000001.png")  # several tiles
+    result = predict.run_predict(
+        str(eval_fixture.model_dir),
+        [str(images)],
+        str(tmp_path / "out"),
+        overrides=["eval.inference=tiles", "eval.tile_overlap=0.5"],
+        batch_size=2,
+        progress=True,
+    )
+    assert result["written"] == ["ISIC_0000001"]
+    err = capsys.readouterr().err
+    assert "ISIC_0000001" in err and "tile" in err  # the per-image bar over its tiles
+    mask = Image.open(tmp_path / "out" / f"ISIC_0000001_attribute_{labels.STRUCTURE_NAMES[0]}.png")
+    assert mask.size == (400, 150)
+    with pytest.raises(UserError, match="--set"):
+        predict.run_predict(
+            str(eval_fixture.model_dir), [str(images)], str(tmp_path / "o2"), overrides=["x=1"]
+        )

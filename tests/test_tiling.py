@@ -55,7 +55,8 @@ def test_blend_window_is_positive_symmetric_and_peaks_in_the_centre():
 def test_constant_model_gives_a_constant_map_without_seams(shape):
     image = np.random.default_rng(0).random((*shape, 3), dtype=np.float32)
     constant = _Recorder(lambda x: np.full((*x.shape[:3], 5), 0.31, np.float32))
-    probs = tiling.predict_tiles(constant, image, SETTINGS, batch_size=3)
+    probs, presence = tiling.predict_tiles(constant, image, SETTINGS, batch_size=3)
+    assert presence is None
     assert probs.shape == (*shape, 5) and probs.dtype == np.uint8
     assert np.all(probs == tiling.to_uint8(np.float32(0.31)))
     assert all(b.shape == (3, 80, 80, 3) for b in constant.batches)  # one compiled shape
@@ -64,7 +65,7 @@ def test_constant_model_gives_a_constant_map_without_seams(shape):
 @pytest.mark.parametrize("shape", [(250, 173), (97, 81), (30, 17), (1, 1)])
 def test_translation_equivariant_model_matches_the_whole_image_pass(shape):
     image = np.random.default_rng(1).random((*shape, 3), dtype=np.float32) * 4
-    probs = tiling.predict_tiles(_pointwise, image, SETTINGS, batch_size=4).astype(int)
+    probs = tiling.predict_tiles(_pointwise, image, SETTINGS, batch_size=4)[0].astype(int)
     whole = tiling.to_uint8(_pointwise(image[None])[0]).astype(int)
     assert np.abs(probs - whole).max() <= 1  # equal up to the rounding of the blend
 
@@ -142,7 +143,7 @@ def test_one_tile_gives_the_masks_of_a_single_whole_image_pass():
     image = np.random.default_rng(2).integers(0, 256, (120, 150, 3), np.uint8)
     box = (0, 0, 120, 120)  # at the training scale exactly one 80 x 80 tile
     tiler = tiling.TiledPredictor(_data_cfg(), SETTINGS, batch_size=2)
-    tiled = tiler.probabilities(predict, image, box)
+    tiled, _ = tiler.probabilities(predict, image, box)
     view = tiling.scaled_view_fn(_data_cfg())(image, box)
     assert view.shape == (80, 80, 3)
     view = view[0:80]
@@ -176,7 +177,7 @@ def test_plain_skin_image_gets_no_structure_along_its_border(mode):
         hw = prepared["resized_size"]
     else:
         tiler = tiling.TiledPredictor(data_cfg, SETTINGS, batch_size=2)
-        probs = tiler.probabilities(lambda x: predict_fn({}, x), skin, prepared["crop_box"])
+        probs, _ = tiler.probabilities(lambda x: predict_fn({}, x), skin, prepared["crop_box"])
         hw = probs.shape[:2]
     masks = inference.full_size_masks(
         probs, prepared["crop_box"], hw, skin.shape[:2], head="sigmoid", threshold=0.5
@@ -185,7 +186,7 @@ def test_plain_skin_image_gets_no_structure_along_its_border(mode):
     assert masks.sum() == 0
     # The model does respond to black pixels: a black band is predicted.
     skin[-5:] = 0
-    probs = tiling.TiledPredictor(data_cfg, SETTINGS, batch_size=2).probabilities(
+    probs, _ = tiling.TiledPredictor(data_cfg, SETTINGS, batch_size=2).probabilities(
         lambda x: predict_fn({}, x), skin, (0, 0, 90, 200)
     )
     assert probs[-1].min() == 255 and probs[:30].max() == 0
@@ -200,7 +201,7 @@ def test_banded_view_equals_the_whole_view_and_blending_reads_bands():
     whole = view[0:80]
     np.testing.assert_allclose(np.concatenate([view[0:33], view[33:80]]), whole, atol=1e-6)
     small = tiling.TileSettings(tile_size=32, stride=20)
-    banded = tiling.predict_tiles(_pointwise, view, small, batch_size=3)
+    banded, _ = tiling.predict_tiles(_pointwise, view, small, batch_size=3)
     np.testing.assert_array_equal(
-        banded, tiling.predict_tiles(_pointwise, whole, small, batch_size=3)
+        banded, tiling.predict_tiles(_pointwise, whole, small, batch_size=3)[0]
     )

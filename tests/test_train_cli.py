@@ -236,3 +236,26 @@ def _flatten(tree, prefix="") -> dict:
             out.update(_flatten(v, f"{prefix}/{k}"))
         return out
     return {prefix: np.asarray(tree)}
+
+
+def test_gated_sigmoid_run_fits_thresholds_at_the_end_and_loads_them(tmp_path):
+    run = tmp_path / "gated"
+    rc, out = _finish(
+        _train(
+            run,
+            str(tmp_path / "cache"),
+            "--config.train.num_epochs=1",
+            "--config.model.head=sigmoid",
+            "--config.model.presence_head=True",
+            "--config.loss.name=bce_log_jaccard",
+            "--config.eval.fit_thresholds=True",
+        )
+    )
+    assert rc == 0, out[-4000:]
+    step = _steps(run)[-1]
+    record = json.loads((run / "thresholds.json").read_text())
+    assert record["step"] == step and record["split"] == "validation"
+    assert len(record["thresholds"]) == len(record["presence_thresholds"]) == 5
+    loaded = loading.load_run(run, checkpoint="latest")
+    assert loaded.config.eval.threshold == tuple(record["thresholds"])
+    assert loaded.config.eval.presence_threshold == tuple(record["presence_thresholds"])

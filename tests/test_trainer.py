@@ -358,3 +358,21 @@ def _two_process(process_id: str, port: str, workdir: str, cache: str, out_path:
 
 if __name__ == "__main__":
     {"one_step": _one_step, "two_process": _two_process}[sys.argv[1]](*sys.argv[2:])
+
+
+def test_a_random_encoder_trains_at_encoder_lr_without_init():
+    from dermseg_jax.configs import isic2018
+
+    config = isic2018.get_config()
+    assert config.init_from is None and config.optim.encoder_lr_without_init == 1e-3
+    assert optim.apply_encoder_lr_without_init(config)
+    assert [config.optim[f"lr_{g}"] for g in ("l1", "l2", "l3")] == [1e-3] * 3
+    pretrained = isic2018.get_config()
+    pretrained.init_from = "models/inception_v3_imagenet"
+    assert not optim.apply_encoder_lr_without_init(pretrained)
+    assert [pretrained.optim[f"lr_{g}"] for g in ("l1", "l2", "l3")] == [1e-5, 1e-5, 1e-4]
+    for off in (None, 0.0):  # the recipe before issue 17
+        before = isic2018.get_config()
+        before.optim.encoder_lr_without_init = off
+        assert not optim.apply_encoder_lr_without_init(before)
+        assert before.optim.lr_l1 == 1e-5

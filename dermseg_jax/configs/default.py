@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (hand-written backward passes for XLA:CPU) | 'auto' (cpu_tuned on the CPU, xla
     # elsewhere). Same parameters either way (docs/kernels.md).
     model.kernels = "auto"
+    # Sigmoid head: an image-level presence logit per structure from the pooled bottleneck,
+    # trained with BCE on "present in the crop"; at inference a structure's mask is emptied
+    # when its presence probability is below eval.presence_threshold (dermseg_jax.presence).
+    model.presence_head = False
 
     config.data = data = ml_collections.ConfigDict()
     # Prepared TFDS directory (`python -m dermseg_jax.data.prepare`); None = the built-in
@@ -94,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.normalization = "none"
     # At evaluation the lesion crop's longer side is resized to eval_size and padded square.
     data.eval_size = 96
+    # How the square eval frame is filled beyond the crop: 'edge' repeats the crop's last row
+    # and column; 'zeros' (before issue 17) makes the network see an edge it never trained on.
+    data.eval_padding = "edge"
     # Normalisation at evaluation; None = `normalization` (the thesis protocol: 'none' for
     # 'thesis_wrap', whose test images were plain [0, 1]).
     data.eval_normalization = config_dict.placeholder(str)
@@ -113,6 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     loss.dice_weight = 1.0
     # 'bce_log_jaccard': BCE - jaccard_weight * log(soft Jaccard pooled over batch and structures).
     loss.jaccard_weight = 1.0
+    # model.presence_head: weight of the presence BCE added to the segmentation loss.
+    loss.presence_weight = 1.0
     # Softmax: per-class weights [6] (focal: alpha); sigmoid: BCE pos_weight [5].
     loss.class_weights = config_dict.placeholder(tuple)
     # With class_weights None: derive them from the training split's pixel counts (softmax:
@@ -139,6 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.step_gamma = 0.95
     # `* 1` makes a new reference: overriding warmup_steps must not overwrite steps_per_epoch.
     optim.warmup_steps = train.get_ref("steps_per_epoch") * 1
+    # Without init_from (a random encoder): lr_l1, lr_l2 and lr_l3 become this; None/0 keeps them.
+    optim.encoder_lr_without_init = config_dict.placeholder(float)
     # Clip the global gradient norm of trainable parameters; None disables.
     optim.grad_clip_norm = config_dict.placeholder(float)
 
@@ -155,6 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.opening_sizes = config_dict.placeholder(tuple)
     # Flip test-time augmentation.
     evaluation.tta = False
+    # model.presence_head: a structure's mask is emptied when its presence probability is
+    # below this (five values, one per structure; None = no gate). `evaluate --fit-thresholds` fits it on
+    # validation together with the pixel thresholds (thresholds.json).
+    evaluation.presence_threshold = config_dict.placeholder(tuple)
     # 'resize': the lesion crop resized to eval_size, one pass | 'tiles': the crop at the
     # training scale (shorter side resize_shorter), overlapping tile_size tiles (None =
     # data.crop_size) sharing tile_overlap of a tile, Gaussian-blended (dermseg_jax.tiling).
@@ -164,6 +179,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Sigmoid head: use thresholds.json of the run/model directory (fitted on validation by
     # `evaluate --fit-thresholds`) instead of `threshold` when present.
     evaluation.fitted_thresholds = True
+    # Sigmoid head: at the end of training, fit those thresholds (and the presence cut-offs)
+    # on the validation split and write thresholds.json into the workdir.
+    evaluation.fit_thresholds = False
     # The thesis' evaluation (defects 1, 3, 4: ground-truth lesion crop, one random crop,
     # BatchNorm on batch statistics, batch-axis softmax); see dermseg_jax.evaluator.
     evaluation.thesis_protocol = False

@@ -22,7 +22,9 @@ def eval_example_fn(data_cfg: ml_collections.ConfigDict):
     """The per-example evaluation transform `raw example -> example dict` (no randomness).
 
     Lesion crop per `eval_lesion_crop` (default 'auto'), resize so the longer side is
-    `eval_size`, zero padding to `eval_size x eval_size` at the bottom and right (`valid` 0).
+    `eval_size`, padding to `eval_size x eval_size` at the bottom and right (`valid` 0) by
+    repeating the crop's last row and column (`data.eval_padding='edge'`, default) or with
+    zeros ('zeros', as before issue 17; kept for the ablation in docs/ablation_isic2018.md).
     Adds `id`, `original_size` int32 [2], `crop_box` int32 [4] (y0, x0, y1, x1 in the original
     image's pixels, end exclusive) and `resized_size` int32 [2] (the crop's size inside the
     padded frame), so predictions map back onto the original image.
@@ -30,6 +32,9 @@ def eval_example_fn(data_cfg: ml_collections.ConfigDict):
     size = int(data_cfg.eval_size)
     mode = data_cfg.get("eval_lesion_crop", "auto")
     normalization = data_cfg.get("eval_normalization", None) or data_cfg.normalization
+    padding = data_cfg.get("eval_padding", "edge")
+    if padding not in ("edge", "zeros"):
+        raise ValueError(f"data.eval_padding must be 'edge' or 'zeros', got {padding!r}")
 
     def fn(example: dict) -> dict:
         box = lesion_crop.lesion_box(example, mode)
@@ -49,9 +54,10 @@ def eval_example_fn(data_cfg: ml_collections.ConfigDict):
         out = pipeline.finish_example(image, masks, valid, normalization)
         # The padding repeats the crop's last row and column: zeros there would make the
         # network predict a band of structure along the crop's bottom and right edges.
-        rows = tf.minimum(tf.range(size), resized[0] - 1)
-        cols = tf.minimum(tf.range(size), resized[1] - 1)
-        out["image"] = tf.gather(tf.gather(out["image"], rows, axis=0), cols, axis=1)
+        if padding == "edge":
+            rows = tf.minimum(tf.range(size), resized[0] - 1)
+            cols = tf.minimum(tf.range(size), resized[1] - 1)
+            out["image"] = tf.gather(tf.gather(out["image"], rows, axis=0), cols, axis=1)
         stored = tf.shape(example["image"])[:2]
         original = tf.cast(
             tf.stack([example["original_height"], example["original_width"]]), tf.int32

@@ -26,6 +26,7 @@ __all__ = [
     "create_model",
     "param_groups",
     "replace_encoder",
+    "split_outputs",
 ]
 
 GROUPS = ("l1", "l2", "l3", "aspp", "decoder")
@@ -43,8 +44,8 @@ def create_model(model_cfg: Any, platform: str | None = None) -> InceptionUNet:
     Args:
         model_cfg: a `ml_collections.ConfigDict` or dict with the fields `head`, `width`,
             `aspp_rates`, `dropout_rate`, `bn_momentum`, `dtype` ('auto' | 'float32' |
-            'bfloat16') and optionally `kernels` ('auto' default | 'xla' | 'cpu_tuned')
-            (docs/design.md). Other fields (e.g. `encoder_only`) are ignored.
+            'bfloat16') and optionally `kernels` ('auto' default | 'xla' | 'cpu_tuned') and
+            `presence_head` (default False) (docs/design.md). Other fields (e.g. `encoder_only`) are ignored.
         platform: where the model will run: 'cpu', 'gpu', 'cuda', 'rocm' or 'tpu'; None =
             `jax.default_backend()`. A CPU host builds the GPU/TPU program (e.g. for
             `jax.export`) by naming that platform.
@@ -66,14 +67,24 @@ def create_model(model_cfg: Any, platform: str | None = None) -> InceptionUNet:
     # Optional: model directories written before the switch existed lack it.
     kwargs["kernels"] = resolve_kernels(str(model_cfg.get("kernels", "auto")), platform)
     kwargs["dtype"] = resolve_dtype(str(kwargs["dtype"]), platform)
+    kwargs["presence_head"] = bool(model_cfg.get("presence_head", False))
     return InceptionUNet(**kwargs)
+
+
+def split_outputs(outputs: Any) -> tuple[jax.Array, jax.Array | None]:
+    """(logits, presence_logits or None) of a forward pass, with or without `presence_head`."""
+    if isinstance(outputs, tuple):
+        logits, presence = outputs
+        return logits, presence
+    return outputs, None
 
 
 def abstract_variables(model_cfg: Any = None, *, encoder_only: bool = False) -> dict:
     """Shapes and dtypes of the model's variables (`jax.eval_shape`: nothing is computed).
 
     Args:
-        model_cfg: config with `head`, `width`, `aspp_rates` (the fields that set shapes);
+        model_cfg: config with `head`, `width`, `aspp_rates`, optional `presence_head` (the
+            fields that set shapes);
             unused when `encoder_only`.
         encoder_only: only the encoder, as {'params': {'encoder': ...}, 'batch_stats': {...}}.
 
@@ -87,7 +98,11 @@ def abstract_variables(model_cfg: Any = None, *, encoder_only: bool = False) -> 
         return {col: {"encoder": v[col]} for col in ("params", "batch_stats")}
     rates = tuple(int(r) for r in model_cfg["aspp_rates"])
     model = InceptionUNet(
-        head=model_cfg["head"], width=float(model_cfg["width"]), aspp_rates=rates, kernels="xla"
+        head=model_cfg["head"],
+        width=float(model_cfg["width"]),
+        aspp_rates=rates,
+        kernels="xla",
+        presence_head=bool(model_cfg.get("presence_head", False)),
     )
     # Shapes do not depend on the input size; pick one whose l2 map fits the largest rate.
     side = 128
@@ -107,7 +122,8 @@ def param_groups(params: Any) -> Any:
     Returns:
         The same tree structure with string leaves in ('l1', 'l2', 'l3', 'aspp', 'decoder'):
         l1 = Conv2d_1a..2b, l2 = Conv2d_3b, 4a, l3 = Mixed_5b..5d. Usable as
-        `optax.multi_transform` labels.
+        `optax.multi_transform` labels. The presence head (`presence/...`) belongs to
+        'decoder': it is new on top of the encoder, like the decoder.
     """
 
     def label(path, _):
@@ -116,6 +132,8 @@ def param_groups(params: Any) -> Any:
             return _ENCODER_GROUP[keys[1]]
         if keys and keys[0] in ("aspp", "decoder"):
             return keys[0]
+        if keys and keys[0] == "presence":
+            return "decoder"
         raise ValueError(f"parameter {'/'.join(map(str, keys))} belongs to no group {GROUPS}.")
 
     return jax.tree_util.tree_map_with_path(label, params)

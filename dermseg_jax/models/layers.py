@@ -46,6 +46,18 @@ def _is_cpu(platform: str | None) -> bool:
     return (jax.default_backend() if platform is None else platform).lower() == "cpu"
 
 
+def _resolve(field: str, value: str, choices: tuple, cpu: str, accelerator: str, platform):
+    """`value` of `model.<field>` on `platform`: 'auto' -> `cpu` or `accelerator`."""
+    if value not in choices:
+        raise UserError(
+            f"config model.{field}={value!r} is not one of {choices}",
+            hint=f"pass --config.model.{field}=auto (or {', '.join(choices[1:])})",
+        )
+    if value != "auto":
+        return value
+    return cpu if _is_cpu(platform) else accelerator
+
+
 def resolve_kernels(kernels: str, platform: str | None = None) -> str:
     """The kernel set `model.kernels` means on `platform` ('xla' or 'cpu_tuned').
 
@@ -56,14 +68,7 @@ def resolve_kernels(kernels: str, platform: str | None = None) -> str:
     Returns:
         'cpu_tuned' for 'auto' on the CPU, 'xla' for 'auto' elsewhere, else `kernels`.
     """
-    if kernels not in KERNEL_CHOICES:
-        raise UserError(
-            f"config model.kernels={kernels!r} is not one of {KERNEL_CHOICES}",
-            hint="pass --config.model.kernels=auto (or xla, cpu_tuned)",
-        )
-    if kernels != "auto":
-        return kernels
-    return "cpu_tuned" if _is_cpu(platform) else "xla"
+    return _resolve("kernels", kernels, KERNEL_CHOICES, "cpu_tuned", "xla", platform)
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -76,14 +81,7 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
     Returns:
         'float32' for 'auto' on the CPU, 'bfloat16' for 'auto' elsewhere, else `dtype`.
     """
-    if dtype not in DTYPE_CHOICES:
-        raise UserError(
-            f"config model.dtype={dtype!r} is not one of {DTYPE_CHOICES}",
-            hint="pass --config.model.dtype=auto (or float32, bfloat16)",
-        )
-    if dtype != "auto":
-        return dtype
-    return "float32" if _is_cpu(platform) else "bfloat16"
+    return _resolve("dtype", dtype, DTYPE_CHOICES, "float32", "bfloat16", platform)
 
 
 def kernel_set(kernels: str) -> Kernels:

@@ -6,6 +6,11 @@ conv1x1 head, BatchNorm on the logits). Each transposed convolution's output is 
 skip connection (and the last one to the input), which reproduces the thesis' output_padding
 (1, 0, 1) at 128 and 256 and extends the network to any input size the encoder accepts.
 `width` scales the ASPP and decoder channels; width 1.0 is the thesis network exactly.
+
+`presence_head=True` (sigmoid head only; not in the thesis) adds `PresenceHead`: one logit per
+structure for "present in this image", from the pooled bottleneck, and the network returns
+`(logits, presence_logits)`; at inference a structure's mask is emptied when its presence
+probability is below a threshold fitted on validation (`dermseg_jax.presence`).
 """
 
 import functools
@@ -128,6 +133,22 @@ class Decoder(nn.Module):
         )
 
 
+class PresenceHead(nn.Module):
+    """Image-level presence logits [N, K] from the bottleneck [N, h, w, C].
+
+    Mean and max pooling over space (a structure covering 0.2 % of an image barely moves the
+    mean, its strongest response moves the max), concatenated, then one dense layer; float32.
+    """
+
+    num_structures: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        pooled = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
+        return nn.Dense(self.num_structures, name="dense")(pooled)
+
+
 class InceptionUNet(nn.Module):
     """The thesis' Inception-v3 U-Net with the dilated block, NHWC.
 
@@ -141,6 +162,8 @@ class InceptionUNet(nn.Module):
             float32 on the CPU: `layers.resolve_dtype`); parameters stay float32.
         kernels: 'xla', 'cpu_tuned' or 'auto' (`layers.resolve_kernels`); same function up to
             float rounding, same parameters.
+        presence_head: add `PresenceHead` (sigmoid head only); the call then returns
+            `(logits, presence_logits [N, 5])`.
     """
 
     head: str = "softmax"
@@ -150,9 +173,10 @@ class InceptionUNet(nn.Module):
     bn_momentum: float = 0.992
     dtype: str = "float32"
     kernels: str = "auto"
+    presence_head: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Segments a batch.
 
         Args:
@@ -161,10 +185,13 @@ class InceptionUNet(nn.Module):
                 (needs a 'dropout' rng when dropout_rate > 0).
 
         Returns:
-            [N, H, W, C] float32 logits, C = 6 ('softmax') or 5 ('sigmoid').
+            [N, H, W, C] float32 logits, C = 6 ('softmax') or 5 ('sigmoid'); with
+            `presence_head`, `(logits, presence_logits [N, 5] float32)`.
         """
         if self.head not in HEAD_CHANNELS:
             raise ValueError(f"head must be one of {sorted(HEAD_CHANNELS)}, got {self.head!r}.")
+        if self.presence_head and self.head != "sigmoid":
+            raise ValueError("presence_head needs the sigmoid head (one presence per structure).")
         if self.width <= 0:
             raise ValueError(f"width must be > 0, got {self.width}.")
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -198,4 +225,7 @@ class InceptionUNet(nn.Module):
             name="decoder",
         )(x, l1, l2, hw, train=train)
         # Losses and softmax want float32 even when the network computes in bfloat16.
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if self.presence_head:
+            return logits, PresenceHead(HEAD_CHANNELS["sigmoid"], name="presence")(x)
+        return logits

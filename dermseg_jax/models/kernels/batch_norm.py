@@ -58,18 +58,8 @@ def _affine(x_hat, scale, bias):
 def batch_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`xla.batch_norm` (same arguments, same result) with the backward pass described above.
-
-    Args:
-        x: [..., C] in any float dtype; statistics and arithmetic are float32.
-        scale: float32 [C].
-        bias: float32 [C].
-        epsilon: added to the variance.
-        relu: apply max(., 0) to the result.
-
-    Returns:
-        (y in x's dtype, mean float32 [C], biased variance float32 [C]).
-    """
+    """`xla.batch_norm` (same arguments and result; see its docstring) with the backward pass
+    described above."""
     y, mean, var, _, _ = _forward(x, scale, bias, epsilon, relu)
     return y, mean, var
 
