@@ -8,7 +8,7 @@ COMMAND:
 Trains the thesis recipe and the `configs/isic2018.py` family at reduced width (no ImageNet
 weights: every run starts from scratch) for a fixed number of steps each (chosen to take about
 the same CPU time here: `--steps_thesis`, `--steps_isic2018`), then scores the rows of
-docs/ablation_isic2018.md on the validation and test splits with the official ISIC 2018 scorer
+docs/ablation_isic2018.md on the test split with the official ISIC 2018 scorer
 (`python -m dermseg_jax.evaluate --set ...`). Rows after the second are cumulative: a feature
 is kept for the later rows when it raises the test split's official (micro) score over the
 best row so far, and dropped otherwise (the table says which). Thresholds and presence cut-offs
@@ -98,7 +98,8 @@ def evaluate(workdir: str, step: int, sets: list[str], fit: bool, key: str, out)
     if thresholds.exists():  # left by an interrupted row: put aside, never deleted
         thresholds.rename(out / "evals" / f"{key}_stale_thresholds.{int(time.time())}.json")
     entry = {}
-    for split in ("validation", "test"):
+    # The validation split is read only to fit thresholds (rows are compared on test).
+    for split in ("validation", "test") if fit else ("test",):
         cmd = [*base, f"--split={split}"]
         if fit and split == "validation":  # fitted here; the test evaluation reads the file
             cmd.append("--fit-thresholds")
@@ -138,6 +139,8 @@ def markdown_table(record: dict, split: str = "test") -> str:
     head = ["row", "micro (official)", "macro", *names.values(), "kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in record["rows"]:
+        if split not in row:
+            continue
         scores = row[split]
         kept = {True: "yes", False: "no", None: ""}[row.get("adopted")]
         cells = [row["row"], *(f"{scores[k]:.3f}" for k in ("micro", "macro", *names)), kept]
@@ -174,8 +177,9 @@ def main() -> None:
         result = evaluate(workdir, steps, sets, fit, key, out)
         entry = {"row": label, "run": run, "set": sets, "fit": fit}
         for split in ("validation", "test"):
-            entry[split] = _scores(result[split]["metrics"])
-            entry[f"{split}_command"] = result[split]["command"]
+            if split in result:
+                entry[split] = _scores(result[split]["metrics"])
+                entry[f"{split}_command"] = result[split]["command"]
         entry["thresholds"] = result.get("thresholds")
         record["rows"].append(entry)
         (out / "ablation.json").write_text(json.dumps(record, indent=1))
