@@ -87,8 +87,15 @@ def train(name: str, flags: list[str], out: pathlib.Path, steps: int, record: di
     return str(workdir)
 
 
-def evaluate(workdir: str, step: int, sets: list[str], fit: bool, key: str, out) -> dict:
-    """{split: {'metrics', 'command', 'wall_s'}} of one row (cached in OUT/evals/<key>.json)."""
+def evaluate(
+    workdir: str, step: int, sets: list[str], fit, key: str, out, reuse: str | None = None
+) -> dict:
+    """{split: {'metrics', 'command', 'wall_s'}} of one row (cached in OUT/evals/<key>.json).
+
+    `fit` True fits thresholds on validation first; with `reuse` (a row key) that row's fitted
+    thresholds.json is used as it is (the flip-TTA row: TTA changes the scores little, and a
+    refit would read the validation split three times over).
+    """
     cache = out / "evals" / f"{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -97,6 +104,8 @@ def evaluate(workdir: str, step: int, sets: list[str], fit: bool, key: str, out)
     thresholds = pathlib.Path(workdir) / "thresholds.json"
     if thresholds.exists():  # left by an interrupted row: put aside, never deleted
         thresholds.rename(out / "evals" / f"{key}_stale_thresholds.{int(time.time())}.json")
+    if reuse is not None:
+        shutil.copy(out / "evals" / f"{reuse}_thresholds.json", thresholds)
     entry = {}
     # The validation split is read only to fit thresholds (rows are compared on test).
     for split in ("validation", "test") if fit else ("test",):
@@ -110,7 +119,7 @@ def evaluate(workdir: str, step: int, sets: list[str], fit: bool, key: str, out)
             "command": " ".join(cmd[1:]),
             "wall_s": round(seconds, 1),
         }
-    if fit:
+    if fit or reuse is not None:
         entry["thresholds"] = json.loads(thresholds.read_text())
         thresholds.rename(out / "evals" / f"{key}_thresholds.json")
     cache.write_text(json.dumps(entry, indent=1))
@@ -171,11 +180,14 @@ def main() -> None:
     if (out / "ablation.json").exists():  # a resumed run keeps the training commands
         record["trainings"] = json.loads((out / "ablation.json").read_text())["trainings"]
 
-    def row(label: str, run: str, flags: list[str], steps: int, sets: list[str], fit: bool):
+    keys = {}
+
+    def row(label: str, run: str, flags: list[str], steps: int, sets: list[str], fit, reuse=None):
         workdir = train(run, flags, out, steps, record)
         key = label.replace(" ", "_").replace("/", "_").replace("+", "plus").replace(".", "")
-        result = evaluate(workdir, steps, sets, fit, key, out)
-        entry = {"row": label, "run": run, "set": sets, "fit": fit}
+        keys[label] = key
+        result = evaluate(workdir, steps, sets, fit, key, out, reuse)
+        entry = {"row": label, "run": run, "set": sets, "fit": fit, "thresholds_of": reuse}
         for split in ("validation", "test"):
             if split in result:
                 entry[split] = _scores(result[split]["metrics"])
@@ -191,6 +203,7 @@ def main() -> None:
     # a random encoder), zero padding at evaluation, one resized pass, threshold 0.5.
     best_train = ["--config.optim.encoder_lr_without_init=0"]
     best_run, best_sets, best_fit = "isic2018_before", ["data.eval_padding=zeros"], False
+    best_key = None
     best = row(
         "configs/isic2018.py as before",
         best_run,
@@ -213,20 +226,24 @@ def main() -> None:
          [], None),
         ("+ fitted thresholds", None, [], True),
         ("+ presence gate", ("isic2018_gate", "--config.model.presence_head=True"), [], True),
-        ("+ flip TTA", None, ["eval.tta=True"], None),
+        ("+ flip TTA", None, ["eval.tta=True"], "reuse"),
     ]  # fmt: skip
     for label, training, extra, fit in candidates:
         run, train_flags = best_run, best_train
         if training is not None:
             run, train_flags = training[0], _merge(best_train, [training[1]])
         sets = _merge(best_sets, extra)
+        reuse = None
+        if fit == "reuse":  # the best row's fitted thresholds, if it fitted any
+            fit, reuse = False, (best_key if best_fit else None)
         fit = best_fit if fit is None else fit
         flags = isic2018_flags(args, train_flags)
-        score = row(label, run, flags, args.steps_isic2018, sets, fit)
+        score = row(label, run, flags, args.steps_isic2018, sets, fit, reuse)
         adopted = score > best
         record["rows"][-1]["adopted"] = adopted
         if adopted:
-            best, best_run, best_train, best_sets, best_fit = score, run, train_flags, sets, fit
+            best, best_run, best_train, best_sets = score, run, train_flags, sets
+            best_fit, best_key = fit or reuse is not None, keys[label]
     record["final"] = {
         "run": best_run,
         "train": best_train,
