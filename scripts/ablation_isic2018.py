@@ -56,6 +56,13 @@ def isic2018_flags(args, extra: list[str]) -> list[str]:
     """`configs/isic2018.py` at the ablation's scale with `extra` overrides (later win)."""
     flags = ["--config=dermseg_jax/configs/isic2018.py"]
     flags += _common(args.data, args.steps_isic2018, args.width, args.batch)
+    # The recipe's issue-17 defaults start off: the rows add them one at a time.
+    flags += [
+        "--config.model.presence_head=False",
+        "--config.eval.inference=resize",
+        "--config.eval.tta=False",
+        "--config.eval.fit_thresholds=False",
+    ]
     return _merge(flags, extra)
 
 

@@ -16,7 +16,9 @@ BASE=(--config=dermseg_jax/configs/isic2018.py "--config.data.data_dir=$DATA"
   --config.data.eval_size=96 --config.train.batch_size=8 --config.train.steps_per_epoch=20
   --config.train.num_train_steps=400 --config.optim.warmup_steps=20
   --config.eval.every_steps=400 --config.checkpoint.every_steps=400
-  --config.optim.step_size=1000 --config.optim.encoder_lr_without_init=0)
+  --config.optim.step_size=1000 --config.optim.encoder_lr_without_init=0
+  --config.model.presence_head=False --config.eval.inference=resize --config.eval.tta=False
+  --config.eval.fit_thresholds=False)  # the recipe as it was before issue 17
 run() {
   local name=$1; shift
   [ -f "$OUT/$name/eval_test_400.json" ] && return
