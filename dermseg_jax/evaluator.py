@@ -265,8 +265,8 @@ class Evaluator:
         thesis.update(pred6, metrics.thesis_ground_truth(item.structures, item.lesion), scores6)
         roc.update(scores6[..., 1:], item.structures)
 
-    def _predict(self, variables: dict, images: np.ndarray):
-        """Probabilities [n, S, S, C] of a batch, or (probabilities, presence [n, 5])."""
+    def _predict(self, variables: dict, images: np.ndarray) -> tuple:
+        """(probabilities [n, S, S, C], presence [n, 5] or None) of a batch of n images."""
         n = len(images)
         if n < self.batch_size:
             # A short last batch keeps the compiled shape: pad with zero images.
@@ -275,15 +275,14 @@ class Evaluator:
         lo = jax.process_index() * self.batch_size // jax.process_count()
         hi = (jax.process_index() + 1) * self.batch_size // jax.process_count()
         sharded = sharding.shard_batch({"image": images[lo:hi]}, self.mesh)["image"]
-        probs, gate = tiling.split_prediction(jax.device_get(self.predict_fn(variables, sharded)))
-        return probs[:n] if gate is None else (probs[:n], gate[:n])
+        return tiling.split_prediction(jax.device_get(self.predict_fn(variables, sharded)), n)
 
 
 def _default_protocol_images(
     data_cfg: ml_collections.ConfigDict,
     split: str,
     batch_size: int,
-    predict: Callable[[np.ndarray], Any],
+    predict: Callable[[np.ndarray], tuple],
     head: str,
     decide: Callable[..., np.ndarray],
     tiled: Callable[[np.ndarray, tuple], tuple] | None,
@@ -299,7 +298,7 @@ def _default_protocol_images(
     raw_iter = iter(tfds.as_numpy(pipeline.read_split(data_dir, split)[0]))
     for batch in eval_pipeline.create_eval_dataset(data_cfg, split=split, batch_size=batch_size):
         if tiled is None:
-            probs, gates = tiling.split_prediction(predict(batch["image"]))
+            probs, gates = predict(batch["image"])
         real = np.reshape(batch["valid"], (len(batch["valid"]), -1)).any(axis=1)
         for i in np.flatnonzero(real):
             example = next(raw_iter)

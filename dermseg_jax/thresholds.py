@@ -168,9 +168,8 @@ def _structure_options(histograms: ScoreHistograms, k: int, gate: bool) -> _Opti
     cutoffs = np.arange(LEVELS)
     half_distance = np.abs(CANDIDATES - 0.5)
     if not gate:
-        tp, fp, _ = histograms.counts_at()
-        zeros = np.zeros(LEVELS)
-        return _Options(tp[k], fp[k], cutoffs, zeros, half_distance)
+        tp, fp = _above(histograms.positives[k]), _above(histograms.negatives[k])
+        return _Options(tp, fp, cutoffs, np.zeros(LEVELS), half_distance)
     presence = np.stack(histograms.presence)[:, k]
     positives = np.stack([p[k] for p, _ in histograms.per_image])
     negatives = np.stack([n[k] for _, n in histograms.per_image])
